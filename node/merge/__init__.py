@@ -1,0 +1,1 @@
+"""Homogeneous weight merging: methods, recipes (plans) and the streaming executor."""

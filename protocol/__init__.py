@@ -1,0 +1,1 @@
+"""unode's wire protocol: what two peers must agree on, byte for byte. Never imports node/."""
