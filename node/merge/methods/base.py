@@ -22,10 +22,28 @@ class ParamSpec:
     name: str
     default: Any = REQUIRED
     doc: str = ""
+    # Added by the methods helper (defaults keep older constructions valid):
+    kind: type | None = None  # float, int or bool: what `read_params` coerces to; None = as given
+    applies_to_base: bool = False  # per-model only: the base takes it too (mergekit INPUT scope)
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """Which inputs a method accepts (mergekit's InputContract), checked before merging.
+
+    `base` is "required", "optional" or "ignored" (ignored: the base, when the recipe names
+    one, is just one more input, as mergekit's planner appends it to the models).
+    """
+
+    base: str = "ignored"
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    min_non_base: int = 0
+    max_non_base: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,7 @@ class MergeMethod(Protocol):
     requires_base: bool
     global_params: tuple[ParamSpec, ...]
     model_params: tuple[ParamSpec, ...]
+    inputs: InputRule
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor: ...
 
@@ -66,3 +85,15 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     """
     digest = hashlib.sha256(f"unode-merge/{int(seed)}/{tensor_name}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def input_keys(inputs: MergeInputs) -> tuple[str, ...]:
+    """Every input in mergekit's order: the recipe's models, then the base if not listed."""
+    if inputs.base is not None and inputs.base not in inputs.models:
+        return (*inputs.models, inputs.base)
+    return inputs.models
+
+
+def non_base_keys(inputs: MergeInputs) -> tuple[str, ...]:
+    """The inputs other than the base, in recipe order."""
+    return tuple(key for key in inputs.models if key != inputs.base)

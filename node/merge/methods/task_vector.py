@@ -1,0 +1,169 @@
+"""One task-vector engine and its configurations: task arithmetic, TIES, DARE, breadcrumbs, DELLA.
+
+Per tensor: task vectors (model - base) → sparsify → weight → optional sign consensus →
+sum → optional normalize by the (kept) weights → times lambda → plus base, as mergekit's
+GeneralizedTaskArithmeticMerge does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from node.errors import UserError
+from node.merge.methods import sparsify
+from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
+from node.merge.methods.params import check_density, read_model_params, read_params
+
+# name -> (task vector, its per-model values, generator) -> sparsified task vector (in place)
+Sparsifier = Callable[[torch.Tensor, dict[str, Any], torch.Generator | None], torch.Tensor]
+
+
+def _magnitude(delta: torch.Tensor, p: dict[str, Any], _g: torch.Generator | None) -> torch.Tensor:
+    return sparsify.magnitude(delta, p["density"], p["rescale"])
+
+
+def _random(delta: torch.Tensor, p: dict[str, Any], g: torch.Generator | None) -> torch.Tensor:
+    return sparsify.random_drop(delta, p["density"], p["rescale"], g)
+
+
+def _outliers(delta: torch.Tensor, p: dict[str, Any], _g: torch.Generator | None) -> torch.Tensor:
+    return sparsify.magnitude_outliers(delta, p["density"], p["gamma"], p["rescale"])
+
+
+def _della(delta: torch.Tensor, p: dict[str, Any], g: torch.Generator | None) -> torch.Tensor:
+    density, epsilon = p["density"], p["epsilon"]
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        raise UserError(
+            "parameters.epsilon",
+            epsilon,
+            f"choose epsilon so that density ± epsilon lies in (0, 1) (density is {density})",
+        )
+    return sparsify.della_magprune(delta, density, epsilon, p["rescale"], g)
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {
+    "magnitude": _magnitude,
+    "random": _random,
+    "magnitude_outliers": _outliers,
+    "della_magprune": _della,
+}
+EXTRA_PARAMS = {
+    "magnitude_outliers": ParamSpec(
+        "gamma", 0.01, "fraction of largest-magnitude outliers removed first", kind=float
+    ),
+    "della_magprune": ParamSpec(
+        "epsilon", 0.15, "keep probability spread: density ± epsilon by magnitude rank", kind=float
+    ),
+}
+
+
+class TaskVectorMerge:
+    """A configuration of the engine: which sparsifier, sign consensus, and defaults."""
+
+    requires_base: bool = True
+    inputs: InputRule = InputRule(base="required")
+
+    def __init__(
+        self,
+        name: str,
+        sparsifier: str | None,
+        consensus: bool,
+        default_normalize: bool,
+        default_rescale: bool,
+    ) -> None:
+        self.name = name
+        self.sparsifier, self.consensus = sparsifier, consensus
+        self.global_params: tuple[ParamSpec, ...] = (
+            ParamSpec(
+                "int8_mask", False, "store the sign mask as int8 (no effect on values)", bool
+            ),
+            ParamSpec("normalize", default_normalize, "divide by the sum of (kept) weights", bool),
+            ParamSpec("rescale", default_rescale, "rescale kept values to the l1 norm", bool),
+            ParamSpec("lambda", 1.0, "multiplies the merged task vector", float),
+        )
+        per_model = [
+            ParamSpec("weight", doc="coefficient of this model's task vector", kind=float),
+            ParamSpec("density", 1.0, "fraction of the task vector kept", float),
+        ]
+        if sparsifier in EXTRA_PARAMS:
+            per_model.append(EXTRA_PARAMS[sparsifier])
+        self.model_params: tuple[ParamSpec, ...] = tuple(per_model)
+
+    def __repr__(self) -> str:
+        return f"TaskVectorMerge({self.name!r})"
+
+    def merge(self, inputs: MergeInputs) -> torch.Tensor:
+        if inputs.base is None:
+            raise UserError("base_model", None, f"{self.name} needs a base_model", "missing")
+        base = inputs.tensors[inputs.base]
+        keys = non_base_keys(inputs)
+        if not keys:
+            return base.clone()
+        params = read_params(self.global_params, inputs)
+        per_model = read_model_params(self.model_params, inputs, keys)
+        deltas = self._sparse_deltas(inputs, keys, base, params["rescale"], per_model)
+        weights = torch.tensor(per_model["weight"], dtype=deltas.dtype)
+        weights = weights.view(-1, *([1] * base.dim()))  # (N, 1, ..., 1)
+        deltas.mul_(weights)
+        if self.consensus:
+            mixed, divisor = _sign_consensus_sum(deltas, weights)
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if params["normalize"]:
+            mixed /= divisor
+        if params["lambda"] != 1:
+            mixed *= params["lambda"]
+        return mixed.add_(base)
+
+    def _sparse_deltas(
+        self,
+        inputs: MergeInputs,
+        keys: tuple[str, ...],
+        base: torch.Tensor,
+        rescale: bool,
+        per_model: dict[str, list[Any]],
+    ) -> torch.Tensor:
+        """(N, *shape) task vectors, each sparsified in place."""
+        deltas = torch.empty((len(keys), *base.shape), dtype=torch.float32)
+        if self.sparsifier is not None:
+            check_density(per_model["density"], keys)
+        for index, key in enumerate(keys):
+            torch.sub(inputs.tensors[key], base, out=deltas[index])
+            if self.sparsifier is not None:
+                values = {name: per_model[name][index] for name in per_model}
+                values["rescale"] = rescale
+                SPARSIFIERS[self.sparsifier](deltas[index], values, inputs.generator)
+        return deltas
+
+
+def _sign_consensus_sum(
+    deltas: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES: keep entries whose sign agrees with the sign of the summed (weighted) deltas.
+
+    Zero entries never agree, so they drop out of the divisor too; a positive-or-zero
+    sum elects +1.
+    """
+    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)  # (*shape)
+    agree = deltas.sign() == elected  # (N, *shape)
+    mixed = (deltas * agree).sum(dim=0)
+    divisor = (weights * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
+
+
+TASK_VECTOR_METHODS = (
+    TaskVectorMerge("task_arithmetic", None, False, False, False),
+    TaskVectorMerge("ties", "magnitude", True, True, False),
+    TaskVectorMerge("dare_ties", "random", True, False, True),
+    TaskVectorMerge("dare_linear", "random", False, False, True),
+    TaskVectorMerge("breadcrumbs", "magnitude_outliers", False, False, False),
+    TaskVectorMerge("breadcrumbs_ties", "magnitude_outliers", True, False, False),
+    TaskVectorMerge("della", "della_magprune", True, True, True),
+    TaskVectorMerge("della_linear", "della_magprune", False, False, True),
+)
