@@ -7,13 +7,35 @@ recipe whose models do not fit the method before any tensor is merged.
 from __future__ import annotations
 
 from node.errors import UserError
+from node.merge.methods.arcee_fusion import ArceeFusionMerge
 from node.merge.methods.base import MergeMethod
 from node.merge.methods.linear import LinearMerge
+from node.merge.methods.model_stock import ModelStockMerge
+from node.merge.methods.nearswap import NearSwapMerge
+from node.merge.methods.passthrough import PassthroughMerge
+from node.merge.methods.ram import RamMerge, RamPlusMerge
+from node.merge.methods.sce import SceMerge
+from node.merge.methods.slerp import NuSlerpMerge, SlerpMerge
+from node.merge.methods.spherical_mean import KarcherMerge, MultiSlerpMerge
 from node.merge.methods.task_vector import TASK_VECTOR_METHODS
 
 
 def _build() -> dict[str, MergeMethod]:
-    methods: list[MergeMethod] = [LinearMerge(), *TASK_VECTOR_METHODS]
+    methods: list[MergeMethod] = [
+        LinearMerge(),
+        *TASK_VECTOR_METHODS,
+        SlerpMerge(),
+        NuSlerpMerge(),
+        MultiSlerpMerge(),
+        KarcherMerge(),
+        ModelStockMerge(),
+        SceMerge(),
+        RamMerge(),
+        RamPlusMerge(),
+        NearSwapMerge(),
+        ArceeFusionMerge(),
+        PassthroughMerge(),
+    ]
     return {method.name: method for method in methods}
 
 

@@ -44,7 +44,7 @@ def _rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return mask
 
 
-def _top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+def top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k largest flat elements of `w` (ties at the cut in flat-index order)."""
     n = w.numel()
     if k >= n:
@@ -69,7 +69,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     flat = delta.view(-1)
     w = flat.abs()
     l1_before = w.sum() if rescale else None
-    flat.mul_(_top_count_mask(w, k))
+    flat.mul_(top_count_mask(w, k))
     return rescale_l1(delta, l1_before) if l1_before is not None else delta
 
 
