@@ -32,6 +32,48 @@ def fail(err: UserError) -> None:
 # --- merge (node/merge) ---------------------------------------------------------------
 
 
+@app.command("merge")
+def merge_cmd(
+    recipe: Annotated[Path, typer.Argument(help="A mergekit-style YAML recipe.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the merged model goes (must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")
+    ] = "5GB",
+) -> None:
+    """Merge models as a mergekit recipe says (every mergekit method; streaming, sharded)."""
+    import json
+
+    from node.merge.api import merge
+
+    try:
+        report = merge(
+            recipe, out_dir, force=force, progress=not quiet, shard_bytes=_size(shard_size)
+        )
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    typer.echo(
+        f"merged {report.tensors} tensors ({report.params / 1e6:.1f}M params) with "
+        f"{report.method} in {report.seconds:.1f}s -> {report.out_dir}"
+    )
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return max(1, int(float(t[: -len(unit)]) * mult))
+    if t.isdigit():
+        return int(t)
+    raise UserError("--shard-size", text, "give a size such as 5GB or 500MB")
+
+
 # --- demo ------------------------------------------------------------------------------
 
 
@@ -42,6 +84,44 @@ def fail(err: UserError) -> None:
 
 
 # --- network (node/network) -------------------------------------------------------------
+
+
+# --- eval (node/eval) -------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A model directory (safetensors + tokenizer).")],
+    domains: Annotated[
+        str, typer.Option(help="Comma-separated: arithmetic,logic,python,prose.")
+    ] = "arithmetic,logic,python,prose",
+    n: Annotated[int, typer.Option(help="Held-out examples per domain.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Score a model per domain: bits per byte (lower is better) and exact-match accuracy.
+
+    Bits per byte compare models with different tokenizers; exact match is measured on
+    the reasoning domains (arithmetic, logic) by greedy generation.
+    """
+    import json
+
+    from node.eval import metrics
+
+    try:
+        if not (model / "config.json").is_file():
+            raise UserError("MODEL", str(model), "give a directory holding config.json", "no model")
+        if n < 1:
+            raise UserError("--n", n, "use a positive number of examples")
+        scores = metrics.evaluate(model, [d.strip() for d in domains.split(",") if d.strip()], n)
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps({"model": str(model), "scores": metrics.as_json(scores)}, indent=2))
+        return
+    typer.echo(f"{'domain':<12} {'bits/byte':>10} {'exact match':>12}")
+    for s in scores:
+        em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
+        typer.echo(f"{s.domain:<12} {s.bits_per_byte:>10.4f} {em:>12}")
 
 
 def main() -> None:

@@ -1,0 +1,87 @@
+"""Per-domain evaluation: bits per byte (comparable across tokenizers) and exact-match accuracy.
+
+BOS is given exactly as in training (prepended when the tokenizer has one): a mismatch
+between training and evaluation costs tiny models most of their measured skill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node.eval import corpora
+
+
+@dataclass(frozen=True)
+class DomainScore:
+    domain: str
+    bits_per_byte: float
+    exact_match: float | None
+    n: int
+
+
+def encode(tokenizer: Any, text: str, max_len: int = 256) -> list[int]:
+    """Token ids of `text` with BOS prepended when the tokenizer defines one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+@torch.no_grad()
+def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> float:
+    """Total negative log-likelihood in bits over total UTF-8 bytes of the texts."""
+    nll_nats, n_bytes = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(texts), batch_size):
+        batch = [encode(tokenizer, t) for t in texts[i : i + batch_size]]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            ids[row, : len(b)] = torch.tensor(b)
+            mask[row, : len(b)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:]
+        token_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        nll_nats += float((token_nll * mask[:, 1:]).sum())
+        n_bytes += sum(len(t.encode("utf-8")) for t in texts[i : i + batch_size])
+    return nll_nats / math.log(2) / max(n_bytes, 1)
+
+
+@torch.no_grad()
+def exact_match(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> float:
+    """Share of prompts whose greedy continuation starts with the expected answer."""
+    hits = 0
+    for ex in examples:
+        ids = torch.tensor([encode(tokenizer, ex.prompt + " ")])
+        n_new = len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2
+        out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        hits += text.strip().startswith(ex.answer)
+    return hits / max(len(examples), 1)
+
+
+def evaluate(
+    model_dir: Path, domains: list[str] | None = None, n: int = 64, n_generate: int = 32
+) -> list[DomainScore]:
+    """Score a model directory on the held-out split of each domain."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scores = []
+    for domain in domains or list(corpora.DOMAINS):
+        examples = corpora.load(domain, n, "heldout")
+        bpb = bits_per_byte(model, tokenizer, [e.text for e in examples])
+        tasks = [e for e in examples if e.answer][:n_generate]
+        em = exact_match(model, tokenizer, tasks) if tasks else None
+        scores.append(DomainScore(domain, bpb, em, len(examples)))
+    return scores
+
+
+def as_json(scores: list[DomainScore]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in scores]

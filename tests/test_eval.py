@@ -1,0 +1,68 @@
+"""Corpora splits are deterministic and disjoint; metrics equal direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from node.errors import UserError
+from node.eval import corpora, metrics
+
+
+@pytest.mark.parametrize("domain", corpora.DOMAINS)
+def test_splits_are_disjoint_and_deterministic(domain):
+    train = corpora.load(domain, 40, "train")
+    held = corpora.load(domain, 20, "heldout")
+    assert len(train) == 40 and len(held) == 20
+    assert not {e.text for e in train} & {e.text for e in held}
+    assert [e.text for e in corpora.load(domain, 40, "train")] == [e.text for e in train]
+
+
+def test_generated_answers_are_correct():
+    for ex in corpora.arithmetic(50):
+        a, op, b = (
+            ex.prompt[3:-1].partition("+") if "+" in ex.prompt else ex.prompt[3:-1].partition("-")
+        )
+        assert int(ex.answer[3:]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    for ex in corpora.logic(50):
+        expr = ex.prompt[3:-2].replace("T", "True").replace("F", "False")
+        assert ex.answer == ("T" if eval(expr) else "F")
+
+
+def test_unknown_domain_is_a_user_error():
+    with pytest.raises(UserError, match="domain"):
+        corpora.load("chemistry", 3)
+
+
+def test_bits_per_byte_matches_the_model_loss(llama_family):
+    tok = AutoTokenizer.from_pretrained(llama_family.base)
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()
+    text = "Q: 12+30= A: 42\n"
+    ids = torch.tensor([metrics.encode(tok, text)])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()  # mean over T-1 targets
+    expected = loss * (ids.shape[1] - 1) / math.log(2) / len(text.encode())
+    assert metrics.bits_per_byte(model, tok, [text]) == pytest.approx(expected, rel=1e-4)
+    # batching with padding must not change the figure
+    texts = [text, "a much longer second text that forces padding of the first one"]
+    each = [metrics.bits_per_byte(model, tok, [t]) for t in texts]
+    sizes = [len(t.encode()) for t in texts]
+    pooled = sum(b * s for b, s in zip(each, sizes, strict=True)) / sum(sizes)
+    assert metrics.bits_per_byte(model, tok, texts) == pytest.approx(pooled, rel=1e-4)
+
+
+def test_exact_match_scores_the_greedy_answer(llama_family):
+    tok = AutoTokenizer.from_pretrained(llama_family.base)
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()
+    prompt = "Q: 3+4="
+    ids = torch.tensor([metrics.encode(tok, prompt + " ")])
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    greedy = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert greedy, "the random model must emit something decodable"
+    right = corpora.Example("arithmetic", "", prompt=prompt, answer=greedy[:2])
+    wrong = corpora.Example("arithmetic", "", prompt=prompt, answer=greedy[:2] + "\u2603")
+    assert metrics.exact_match(model, tok, [right]) == 1.0
+    assert metrics.exact_match(model, tok, [wrong]) == 0.0
