@@ -77,9 +77,10 @@ def reference(
                 k: v.get(parameter.name, parameter.default) for k, v in given.items()
             }
     base_index = keys.index(base) if base is not None else None
-    return mergekit_methods.merge_tensors(
+    result: torch.Tensor = mergekit_methods.merge_tensors(
         [tensors[k] for k in keys], method, parameters=bound, ids=keys, base_index=base_index
     )
+    return result
 
 
 def weights(values: list[float], **extra: Any) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,7 @@ import torch
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
 from node.merge.methods.params import read_model_params, read_params
 
-DOT_THRESHOLD = 0.9  # slerp: |cos| above this interpolates linearly
+DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
 NORM_EPS = 1e-8
 
 
