@@ -42,7 +42,7 @@ def _task(domain: str, prompt: str, answer: str) -> Example:
 
 def arithmetic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Two-operand additions and subtractions: `Q: 47+38= A: 85`."""
-    rng, out = random.Random(f"arith/{seed}"), []
+    rng, out = random.Random(f"arith/{seed}"), list[Example]()
     while len(out) < n:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         op = rng.choice("+-")
@@ -54,17 +54,27 @@ def arithmetic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     return out
 
 
+def _truth(neg: bool, x: bool, op1: str, y: bool, op2: str, z: bool) -> bool:
+    """Python's precedence: `not` binds tightest, then `and`, then `or`."""
+    x = not x if neg else x
+    if op1 == "and" and op2 == "and":
+        return x and y and z
+    if op1 == "or" and op2 == "or":
+        return x or y or z
+    if op1 == "and":  # (x and y) or z
+        return (x and y) or z
+    return x or (y and z)
+
+
 def logic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Boolean expressions over T/F with and/or/not: `L: not T or F = F`."""
-    rng, out = random.Random(f"logic/{seed}"), []
+    rng, out = random.Random(f"logic/{seed}"), list[Example]()
     while len(out) < n:
         x, y, z = (rng.choice("TF") for _ in range(3))
         op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
         neg = rng.choice(["", "not "])
         expr = f"{neg}{x} {op1} {y} {op2} {z}"
-        value = eval(  # noqa: S307 - our own generated T/F expression, not user input
-            expr.replace("T", "True").replace("F", "False"), {"__builtins__": {}}
-        )
+        value = _truth(neg == "not ", x == "T", op1, y == "T", op2, z == "T")
         prompt = f"L: {expr} ="
         if _split_of(prompt) == split:
             out.append(_task("logic", prompt, "T" if value else "F"))

@@ -26,7 +26,7 @@ class DomainScore:
 
 def encode(tokenizer: Any, text: str, max_len: int = 256) -> list[int]:
     """Token ids of `text` with BOS prepended when the tokenizer defines one."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1]
+    ids: list[int] = list(tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1])
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
 
@@ -72,7 +72,8 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
     scores = []
     for domain in domains or list(corpora.DOMAINS):
         examples = corpora.load(domain, n, "heldout")
