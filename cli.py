@@ -39,9 +39,7 @@ def merge_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
-    shard_size: Annotated[
-        str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")
-    ] = "5GB",
+    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
 ) -> None:
     """Merge models as a mergekit recipe says (every mergekit method; streaming, sharded)."""
     import json
@@ -75,6 +73,26 @@ def _size(text: str) -> int:
 
 
 # --- demo ------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_cmd(
+    home: Annotated[
+        Path | None, typer.Option(help="Cache directory (default $UNODE_HOME or ~/.cache/unode).")
+    ] = None,
+) -> None:
+    """Build tiny offline models (cached) and merge them three ways; print what was done."""
+    from node.merge.demo import run_demo, unode_home
+
+    try:
+        reports = run_demo(home)
+    except UserError as err:
+        fail(err)
+    typer.echo(f"tiny Llama-shaped models in {(home or unode_home()) / 'demo-models'}")
+    typer.echo(f"{'method':<10} {'tensors':>7} {'params':>9} {'seconds':>8}  output")
+    for r in reports:
+        typer.echo(f"{r.method:<10} {r.tensors:>7} {r.params:>9} {r.seconds:>8.2f}  {r.out_dir}")
+    typer.echo("load one with AutoModelForCausalLM.from_pretrained(<output>)")
 
 
 # --- keys (protocol identity) -----------------------------------------------------------
