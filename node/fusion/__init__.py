@@ -1,0 +1,1 @@
+"""Heterogeneous knowledge fusion (FuseLLM / FuseChat): summaries, alignment, fusion training."""
