@@ -101,6 +101,90 @@ def demo_cmd(
 # --- fusion (node/fusion) ---------------------------------------------------------------
 
 
+@app.command("summarize")
+def summarize_cmd(
+    model: Annotated[Path, typer.Option(help="Source model directory (HF layout).")],
+    corpus: Annotated[Path, typer.Option(help="Instruction–response jsonl or plain text.")],
+    out: Annotated[Path, typer.Option(help="Summaries directory (new, or a run to resume).")],
+    top_k: Annotated[int, typer.Option(help="Distribution entries kept per token.")] = 10,
+    temperature: Annotated[
+        float, typer.Option(help="Softmax temperature of the stored log-probs.")
+    ] = 1.0,
+    max_len: Annotated[int, typer.Option(help="Tokens per sequence (longer ones are cut).")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    shard_size: Annotated[
+        int, typer.Option(help="Sequences per shard (the unit of resume).")
+    ] = 256,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Store a model's per-token top-k distributions over a corpus (compact, resumable)."""
+    from node.fusion.summaries import SummarySettings, summarize
+
+    settings = SummarySettings(top_k, temperature, max_len, shard_size, batch_size)
+    try:
+        path = summarize(model, corpus, out, settings, progress=not quiet)
+    except UserError as err:
+        fail(err)
+    typer.echo(f"summaries -> {path.parent}")
+
+
+@app.command("fuse")
+def fuse_cmd(
+    out: Annotated[Path, typer.Option(help="Output model directory (must not exist).")],
+    corpus: Annotated[Path, typer.Option(help="The corpus the summaries were made on.")],
+    summaries: Annotated[list[Path], typer.Option(help="Summaries directory (repeat per source).")],
+    target: Annotated[Path | None, typer.Option(help="Model to train (FuseLLM).")] = None,
+    pivot: Annotated[Path | None, typer.Option(help="Pivot model (with --pairwise).")] = None,
+    pairwise: Annotated[
+        bool, typer.Option(help="FuseChat: one fusion per source, then SCE merge.")
+    ] = False,
+    fusion: Annotated[
+        str, typer.Option(help="min_ce, avg_ce, min_ce_token or avg_ce_token.")
+    ] = "min_ce",
+    lam: Annotated[float, typer.Option(help="Weight of the CLM term; 1 - lam on fusion.")] = 0.9,
+    epochs: int = 1,
+    lr: float = 1e-5,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup: Annotated[int, typer.Option(help="Warm-up optimizer steps.")] = 10,
+    max_steps: Annotated[int | None, typer.Option(help="Total steps (overrides --epochs).")] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Checkpoint and stop after N steps.")
+    ] = None,
+    max_len: int = 2048,
+    response_only: Annotated[bool, typer.Option(help="Loss on response tokens only.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT.work's checkpoint.")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    vocab_map: Annotated[str, typer.Option(help="exact, mined or stats.")] = "mined",
+    save_every: int = 50,
+    sce_topk: Annotated[float, typer.Option(help="SCE select_topk (with --pairwise).")] = 1.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a target on λ·CLM + (1−λ)·fusion of source distributions (FuseLLM / FuseChat)."""
+    from node.fusion.pairwise import fuse_pairwise
+    from node.fusion.train import FuseConfig, fuse
+
+    model = pivot if pairwise else target
+    flag = "--pivot" if pairwise else "--target"
+    try:
+        if model is None:
+            raise UserError(flag, "missing", f"give {flag} DIR")
+        cfg = FuseConfig(
+            target=model, summaries=list(summaries), corpus=corpus, out=out, fusion=fusion,
+            lam=lam, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+            warmup=warmup, max_steps=max_steps, stop_after=stop_after, response_only=response_only,
+            resume=resume, bf16=bf16, max_len=max_len, save_every=save_every,
+            vocab_map=vocab_map, progress=not quiet,
+        )  # fmt: skip
+        result = fuse_pairwise(cfg, sce_topk) if pairwise else fuse(cfg)
+    except UserError as err:
+        fail(err)
+    if result is None:
+        typer.echo(f"stopped after --stop-after steps; continue with --resume ({out}.work)")
+    else:
+        typer.echo(f"fused model -> {result}")
+
+
 # --- network (node/network) -------------------------------------------------------------
 
 
