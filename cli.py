@@ -187,6 +187,189 @@ def fuse_cmd(
 
 # --- network (node/network) -------------------------------------------------------------
 
+NetName = Annotated[
+    str | None,
+    typer.Option("--network", help="Network name (DHT key namespace); env UNODE_NETWORK."),
+]
+InitialPeers = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--initial-peers", help="Multiaddr of a running node (repeatable); env UNODE_INITIAL_PEERS."
+    ),
+]
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="Identity, manifest cache; env UNODE_STATE_DIR.")
+]
+
+
+def _net_config(network: str | None, peers: list[str] | None, **kw: object) -> object:
+    from node.network.config import network_config
+
+    return network_config(network, peers, **kw)  # type: ignore[arg-type]
+
+
+def _network_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:  # hivemind logs every connection attempt at INFO
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+@app.command("join")
+def join_cmd(
+    initial_peers: InitialPeers = None,
+    host_maddr: Annotated[
+        list[str] | None, typer.Option("--host-maddr", help="Listen multiaddr (repeatable).")
+    ] = None,
+    announce_maddr: Annotated[
+        list[str] | None, typer.Option("--announce-maddr", help="Public multiaddr to announce.")
+    ] = None,
+    network: NetName = None,
+    state_dir: StateDir = None,
+    expert: Annotated[
+        list[Path] | None, typer.Option("--expert", help="Model directory to host (repeatable).")
+    ] = None,
+    domain: Annotated[
+        list[str] | None, typer.Option("--domain", help="Domain of each --expert, in order.")
+    ] = None,
+    ttl: Annotated[
+        float, typer.Option(help="Seconds an announcement lives (refreshed at ttl/3).")
+    ] = 300.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Join (or start) a network: host experts, serve their tensors, announce them; Ctrl+C stops."""
+    from node.network.config import JoinConfig, hosted_experts
+    from node.network.node import run_join
+
+    _network_logging(verbose)
+    try:
+        if not 30.0 <= ttl <= 86400.0:
+            raise UserError("--ttl", ttl, "use 30 to 86400 seconds")
+        net = _net_config(
+            network,
+            initial_peers,
+            host_maddrs=host_maddr,
+            announce_maddrs=announce_maddr,
+            state_dir=state_dir,
+        )
+        cfg = JoinConfig(net, hosted_experts(expert, domain), ttl)  # type: ignore[arg-type]
+        code = run_join(cfg)
+    except UserError as err:
+        fail(err)
+    raise typer.Exit(code)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    expert_id: Annotated[str, typer.Argument(help="Expert id (hex, or a unique 8+ digit prefix).")],
+    out_dir: Annotated[Path, typer.Argument(help="New directory to rebuild the expert in.")],
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    workers: Annotated[int, typer.Option(help="Concurrent transfer streams.")] = 4,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Rebuild an expert's directory from the network, every chunk verified; re-run to resume."""
+    from node.network.commands import run_fetch
+    from node.network.pool import FetchError
+
+    _network_logging(verbose)
+    bar = _ProgressLine()
+    try:
+        if not 1 <= workers <= 32:
+            raise UserError("--workers", workers, "use 1 to 32")
+        report = run_fetch(_net_config(network, initial_peers), expert_id, out_dir, workers, bar)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    except FetchError as err:
+        typer.echo(f"\nerror: fetch incomplete, re-run the same command to resume: {err}", err=True)
+        raise typer.Exit(1) from None
+    bar.close()
+    mbps = report.fetched_bytes / max(report.seconds, 1e-9) / 1e6
+    typer.echo(
+        f"fetched {report.expert_id.hex()} into {report.out_dir}: {report.total_bytes / 1e6:.1f} MB "
+        f"({report.fetched_bytes / 1e6:.1f} MB transferred at {mbps:.0f} MB/s, "
+        f"{report.reused_bytes / 1e6:.1f} MB resumed), all chunks verified"
+    )
+    for peer, why in report.dropped.items():
+        typer.echo(f"dropped provider {peer}: {why}", err=True)
+
+
+class _ProgressLine:
+    """A one-line progress display on stderr (a terminal only)."""
+
+    def __init__(self) -> None:
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct != self.last and sys.stderr.isatty():
+            self.last = pct
+            sys.stderr.write(f"\r{pct:3d}% of {total / 1e6:.1f} MB")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.last >= 0 and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+@app.command("peers")
+def peers_cmd(
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the live peers of the network (signed, verified peer records)."""
+    import json
+    import time
+
+    from node.network.commands import run_peers
+
+    _network_logging(False)
+    try:
+        peers = run_peers(_net_config(network, initial_peers))  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps([p.__dict__ for p in peers], indent=2))
+        return
+    for p in peers:
+        state = f"{len(p.experts)} experts" if p.maddrs else "withdrawn"
+        typer.echo(
+            f"{p.peer_id}  {state:<12} {p.agent:<12} expires in {p.expires - time.time():4.0f}s  {' '.join(p.maddrs[:2])}"
+        )
+
+
+@app.command("experts")
+def experts_cmd(
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    domain: Annotated[str | None, typer.Option(help="Only experts of this domain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the experts live peers serve (signed cards, verified)."""
+    import json
+
+    from node.network.commands import run_experts
+
+    _network_logging(False)
+    try:
+        found = run_experts(_net_config(network, initial_peers), domain)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    for e in found:
+        typer.echo(
+            f"{e['expert_id']}  {','.join(e['domains']):<12} {e['architecture']:<20} "
+            f"{e['n_params'] / 1e6:7.2f}M params  {len(e['providers'])} provider(s)  {e['name']}"
+        )
+
 
 # --- eval (node/eval) -------------------------------------------------------------------
 

@@ -1,0 +1,96 @@
+"""One connection to the network: the DHT process, its p2pd, and a P2P replica in this process.
+
+`join` runs a long-lived server session under the node's persistent identity; one-shot commands
+(fetch, peers, experts) run a short client session under a throwaway identity, so they can run
+next to a `join` that uses the same state directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hivemind.dht.validation import RecordValidatorBase
+
+from node.errors import UserError
+from node.network.config import NetworkConfig
+from node.network.process import NodeDHT
+from protocol.errors import IdentityError
+from protocol.identity import KEY_FILE_NAME, Identity, load_or_create_identity
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """Start with `start()`, then `await p2p()`; always `stop()` (it never raises)."""
+
+    def __init__(
+        self,
+        net: NetworkConfig,
+        *,
+        persistent: bool,
+        validators: list[RecordValidatorBase] | None = None,
+    ) -> None:
+        self.net, self.persistent = net, persistent
+        self.validators = validators or []
+        self.identity: Identity | None = None
+        self.dht: NodeDHT | None = None
+        self._p2p: Any = None
+
+    def start(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.persistent:
+            self.identity = _load_identity(self.net.state_dir)
+            kwargs["identity_path"] = str(self.net.state_dir / KEY_FILE_NAME)
+        if self.net.announce_maddrs:
+            kwargs["announce_maddrs"] = list(self.net.announce_maddrs)
+        try:
+            self.dht = NodeDHT(
+                initial_peers=list(self.net.initial_peers),
+                host_maddrs=list(self.net.host_maddrs),
+                record_validators=self.validators,
+                client_mode=not self.persistent,
+                start=True,
+                startup_timeout=30,
+                **kwargs,
+            )
+        except Exception as err:  # hivemind raises bare Exceptions for bad peers / ports
+            self.stop()
+            raise UserError(
+                "--initial-peers",
+                " ".join(self.net.initial_peers) or "(none)",
+                "check that a node is running there and reachable, and that --host-maddr is free",
+                problem=f"could not join the network ({str(err)[:160]})",
+            ) from None
+
+    async def p2p(self) -> Any:
+        """hivemind's P2P in this process, sharing the DHT's p2pd (one daemon per node)."""
+        assert self.dht is not None, "start() first"
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        return self._p2p
+
+    def visible_maddrs(self) -> list[str]:
+        assert self.dht is not None, "start() first"
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    @property
+    def peer_id(self) -> str:
+        assert self.dht is not None, "start() first"
+        return str(self.dht.peer_id)
+
+    def stop(self) -> None:
+        if self.dht is not None:
+            self.dht.stop()
+            self.dht = None
+
+
+def _load_identity(state_dir: Path) -> Identity:
+    try:
+        identity, created = load_or_create_identity(state_dir / KEY_FILE_NAME)
+    except IdentityError as err:
+        raise UserError("--state-dir", err.path, err.fix, problem=err.problem) from None
+    if created:
+        log.info("created a new node identity in %s", state_dir / KEY_FILE_NAME)
+    return identity
