@@ -124,19 +124,20 @@ def dtw_path(acc: np.ndarray) -> list[tuple[int, int]]:
 def align_dp(src_texts: list[str], tgt_texts: list[str]) -> Alignment:
     """Fallback when a tokenizer gives no offsets: FuseLLM's DTW over token texts.
 
-    A target token is ONE_TO_ONE when the path pairs it with exactly one source token, that
-    source token with only it, and both are the same text.
+    A target token is ONE_TO_ONE when the path pairs it with exactly one source token and both
+    are the same text (FuseLLM's rule), each source token serving one target token at most.
     """
     n = len(tgt_texts) - 1
     if n <= 0 or not src_texts:
         return Alignment(np.full(max(n, 0), -1, np.int64), np.full(max(n, 0), ONE_HOT, np.int8))
     path = dtw_path(dtw_matrix(dtw_cost(src_texts, tgt_texts)))
-    src_count = np.bincount([p[0] for p in path], minlength=len(src_texts))
     tgt_count = np.bincount([p[1] for p in path], minlength=len(tgt_texts))
     src_row = np.full(n, -1, np.int64)
     kind = np.full(n, ONE_HOT, np.int8)
+    used: set[int] = set()
     for s, t in path:
-        one_each = t >= 1 and s >= 1 and src_count[s] == 1 and tgt_count[t] == 1
-        if one_each and src_texts[s] == tgt_texts[t]:
+        single = t >= 1 and s >= 1 and tgt_count[t] == 1 and s not in used
+        if single and src_texts[s] == tgt_texts[t]:
             src_row[t - 1], kind[t - 1] = s - 1, ONE_TO_ONE
+            used.add(s)
     return Alignment(src_row, kind)
