@@ -6,7 +6,7 @@ import torch
 
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
 from node.merge.methods.params import read_params
-from node.merge.methods.sparsify import top_count_mask
+from node.merge.methods.select import top_count_mask
 
 
 def select_by_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:

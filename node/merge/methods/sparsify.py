@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from node.merge.methods.select import rank_range_mask, row_order, top_count_mask
+
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either l1 norm is below this
 
 
@@ -19,43 +21,6 @@ def rescale_l1(masked: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
     if l1_before < RESCALE_EPS or l1_after < RESCALE_EPS:
         return masked
     return masked.mul_(l1_before / l1_after)
-
-
-def _rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Mask of the flat elements whose rank in ascending `w` lies in [start, stop).
-
-    Ranks follow a stable ascending sort: equal values rank in flat-index order.
-    """
-    n = w.numel()
-    if stop <= start:
-        return torch.zeros(n, dtype=torch.bool)
-    lo = torch.kthvalue(w, start + 1).values if start > 0 else w.min()
-    hi = torch.kthvalue(w, stop).values if stop < n else w.max()
-    mask = (w > lo) & (w < hi)
-    for value in {float(lo), float(hi)}:
-        tied = w == value
-        below = int((w < value).sum())  # rank of the first tied element
-        if int(tied.sum()) == 1:
-            if start <= below < stop:
-                mask |= tied
-            continue
-        rank = tied.cumsum(0, dtype=torch.int64).add_(below - 1)  # rank of each tied element
-        mask |= tied & (rank >= start) & (rank < stop)
-    return mask
-
-
-def top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest flat elements of `w` (ties at the cut in flat-index order)."""
-    n = w.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool)
-    threshold = torch.kthvalue(w, n - k).values  # largest value that is dropped
-    mask = w > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:  # some elements equal to the threshold are kept too
-        tied = (w == threshold).nonzero().squeeze(1)[:missing]
-        mask[tied] = True
-    return mask
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -86,7 +51,7 @@ def magnitude_outliers(
     flat = delta.view(-1)
     w = flat.abs()
     l1_before = w.sum() if rescale else None
-    flat.mul_(_rank_range_mask(w, n_bottom, n_bottom + keep))
+    flat.mul_(rank_range_mask(w, n_bottom, n_bottom + keep))
     return rescale_l1(delta, l1_before) if l1_before is not None else delta
 
 
@@ -118,17 +83,21 @@ def della_magprune(
         return delta
     if density <= 0:
         return delta.zero_()
-    rows = delta.view(1, -1) if delta.dim() < 2 else delta
-    width = rows.shape[1]
-    # One argsort; probabilities are written straight to each sorted position
-    # (mergekit argsorts twice to get ranks, then maps ranks to probabilities).
-    order = torch.argsort(rows.abs(), dim=1)
+    if delta.dim() < 2:
+        rows = delta.view(1, -1)
+    else:  # mergekit ranks along dim 1: make it the last one, (R, C)
+        rows = delta.movedim(1, -1).reshape(-1, delta.shape[1])
+    height, width = rows.shape
+    # Probability of each rank in a row, as mergekit computes it from normalized ranks.
     by_rank = torch.arange(width, dtype=torch.float32).div_(max(width - 1, 1)).clamp_(0, 1)
     by_rank = (density - epsilon) + by_rank * 2 * epsilon
-    by_rank = by_rank.view(1, width, *([1] * (rows.dim() - 2)))
-    probs = torch.empty(rows.shape, dtype=torch.float32)
-    probs.scatter_(1, order, by_rank.expand_as(probs))
+    # One sort of all rows; probabilities go straight to each sorted position
+    # (mergekit argsorts every row twice to get ranks).
+    probs = torch.empty(height * width, dtype=torch.float32)
+    probs[row_order(rows.abs())] = by_rank.repeat(height)
+    if delta.dim() > 2:
+        probs = probs.view(delta.movedim(1, -1).shape).movedim(-1, 1)
+    probs = probs.reshape(delta.shape)
     l1_before = delta.abs().sum() if rescale else None
-    keep = torch.rand(rows.shape, generator=generator) < probs
-    delta.mul_(keep.view_as(delta))
+    delta.mul_(torch.rand(delta.shape, generator=generator) < probs)
     return rescale_l1(delta, l1_before) if l1_before is not None else delta

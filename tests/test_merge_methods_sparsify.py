@@ -1,0 +1,308 @@
+"""Sparsifiers and the task-vector engine: hand-computed values, exact selection on large
+tensors (against mergekit's sort-based functions), randomized methods in distribution,
+seeded determinism, edge cases and user errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from node.errors import UserError
+from node.merge.methods import check_inputs, get_method, method_names, select, sparsify
+from node.merge.methods.base import MergeInputs, tensor_generator
+
+mergekit_sparsify = pytest.importorskip("mergekit.sparsify")  # the `bench` extra
+
+
+def merge(method: str, tensors: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
+    models = tuple(k for k in tensors if k != "base")
+    inputs = MergeInputs(
+        name=kw.pop("name", "w"), models=models, tensors=tensors, base="base", **kw
+    )
+    return get_method(method).merge(inputs)
+
+
+# --- hand-computed values -------------------------------------------------------------
+
+
+def test_ties_sign_election_by_hand() -> None:
+    base = torch.zeros(2, 3)
+    a = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
+    b = torch.tensor([[-3.0, -1.0, 1.0], [0.5, 2.0, 4.0]])
+    per_model = {"a": {"weight": 1.0, "density": 1.0}, "b": {"weight": 1.0, "density": 1.0}}
+    got = merge("ties", {"base": base, "a": a, "b": b}, model_params=per_model)
+    # sums: [-2, -3, 4], [1, 2, 3] -> elected signs -,-,+ / +,+,+; agreeing entries averaged
+    # (normalize defaults to true for ties): -3 | (-2-1)/2 | (3+1)/2 ; (0.5+0.5)/2 | 2 | 4
+    expected = torch.tensor([[-3.0, -1.5, 2.0], [0.5, 2.0, 4.0]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_ties_density_drops_small_entries_by_hand() -> None:
+    base = torch.zeros(4)
+    a = torch.tensor([4.0, -1.0, 0.5, -3.0])  # density 0.5 keeps 4 and -3
+    b = torch.tensor([-2.0, 1.0, 0.25, 1.0])  # density 0.5 keeps -2 and one of the 1s (index 1)
+    per_model = {"a": {"weight": 1.0, "density": 0.5}, "b": {"weight": 0.5, "density": 0.5}}
+    got = merge("ties", {"base": base, "a": a, "b": b}, model_params=per_model)
+    # weighted: a [4, 0, 0, -3], b [-1, 0.5, 0, 0]; sums [3, .5, 0, -3] -> signs +,+,+,-
+    expected = torch.tensor([4.0, 1.0, 0.0, -3.0])  # 0.5/0.5 at index 1 (normalized by b's weight)
+    torch.testing.assert_close(got, expected)
+
+
+def test_task_arithmetic_and_linear_by_hand() -> None:
+    base = torch.tensor([1.0, 2.0])
+    tensors = {"base": base, "a": torch.tensor([2.0, 2.0]), "b": torch.tensor([1.0, 5.0])}
+    per_model = {"a": {"weight": 0.5}, "b": {"weight": -1.0}}
+    got = merge("task_arithmetic", tensors, model_params=per_model, params={"lambda": 2.0})
+    torch.testing.assert_close(got, torch.tensor([1.0 + 2 * 0.5, 2.0 + 2 * -3.0]))
+    linear = get_method("linear").merge(
+        MergeInputs(
+            "w", ("a", "b"), tensors, model_params={"a": {"weight": 1.0}, "b": {"weight": 3.0}}
+        )
+    )
+    torch.testing.assert_close(linear, torch.tensor([1.25, 4.25]))
+
+
+def test_breadcrumbs_cuts_both_ends_by_hand() -> None:
+    delta = torch.arange(1.0, 11.0)  # |x| ranks 0..9; density 0.5, gamma 0.1: drop 10, keep 5..9
+    got = sparsify.magnitude_outliers(delta.clone(), density=0.5, gamma=0.1, rescale=False)
+    torch.testing.assert_close(got, torch.tensor([0, 0, 0, 0, 5, 6, 7, 8, 9, 0.0]))
+    # density + gamma > 1: fewer outliers are dropped so that density is kept
+    got = sparsify.magnitude_outliers(delta.clone(), density=0.95, gamma=0.2, rescale=False)
+    assert int(torch.count_nonzero(got)) == 9 and got[-1] == 0
+
+
+def test_magnitude_takes_ties_at_the_cut_in_index_order() -> None:
+    delta = torch.tensor([3.0, -3.0, 3.0, 1.0, -3.0])
+    got = sparsify.magnitude(delta.clone(), density=0.4, rescale=False)  # k = 2
+    torch.testing.assert_close(got, torch.tensor([3.0, -3.0, 0.0, 0.0, 0.0]))
+    got = sparsify.magnitude(delta.clone(), density=0.4, rescale=True)  # l1 13 -> 6: x 13/6
+    torch.testing.assert_close(got, torch.tensor([6.5, -6.5, 0.0, 0.0, 0.0]))
+
+
+# --- exact selection on large tensors (the bracketing fast path) ----------------------
+
+
+def _skewed(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    heavy = torch.randn(n, generator=g) ** 5
+    sorted_ = torch.linspace(0, 1, n)  # a strided sample of sorted data is unrepresentative
+    quantized = torch.randn(n, generator=g).to(torch.bfloat16).float()  # many ties
+    mostly_zero = torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.randn(n, generator=g))
+    return [torch.randn(n, generator=g), heavy, sorted_, quantized, mostly_zero]
+
+
+@pytest.mark.parametrize("kind", range(5), ids=["normal", "heavy", "sorted", "bf16", "zeros"])
+def test_kth_smallest_is_exact(kind: int) -> None:
+    w = _skewed(300_000)[kind].abs()
+    for rank in (1, 17, 150_000, 299_000, 300_000):
+        assert float(select.kth_smallest(w, rank)) == float(torch.kthvalue(w, rank).values)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])  # no ties: mergekit's choice is then unique
+def test_magnitude_and_outliers_equal_mergekit_on_large_tensors(kind: int) -> None:
+    delta = _skewed(300_000)[kind].view(600, 500)
+    for density in (0.1, 0.5, 0.9):
+        ours = sparsify.magnitude(delta.clone(), density, rescale=True)
+        theirs = mergekit_sparsify.magnitude(delta, density, mergekit_sparsify.RescaleNorm.l1)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        ours = sparsify.magnitude_outliers(delta.clone(), density, 0.02, rescale=False)
+        theirs = mergekit_sparsify.magnitude_outliers(delta, density, None, gamma=0.02)
+        assert torch.equal(ours, theirs)
+
+
+def test_selection_with_ties_keeps_mergekits_count_and_untied_choices() -> None:
+    delta = _skewed(200_000)[3]  # bf16 grid: many equal magnitudes at every cut
+    ours = sparsify.magnitude(delta.clone(), 0.3, rescale=False)
+    theirs = mergekit_sparsify.magnitude(delta, 0.3, None)
+    assert torch.count_nonzero(ours) == torch.count_nonzero(theirs) == 60_000
+    cut = ours.abs()[ours != 0].min()
+    untied = delta.abs() != cut
+    assert torch.equal(ours[untied], theirs[untied])
+
+
+# --- randomized methods: distribution, determinism ------------------------------------
+
+
+def test_dare_keeps_density_and_rescaled_expectation() -> None:
+    delta = torch.randn(400_000, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(0)
+    ours = sparsify.random_drop(delta.clone(), 0.3, rescale=True, generator=g)
+    theirs = mergekit_sparsify.bernoulli(delta, 0.3, mergekit_sparsify.RescaleNorm.l1)
+    for result in (ours, theirs):
+        assert abs(float(torch.count_nonzero(result)) / delta.numel() - 0.3) < 0.005
+        torch.testing.assert_close(result.abs().sum(), delta.abs().sum())  # l1 restored
+        kept = result != 0
+        torch.testing.assert_close(
+            result[kept], delta[kept] * float(result.abs().sum() / delta[kept].abs().sum())
+        )
+    no_rescale = sparsify.random_drop(delta.clone(), 0.3, rescale=False, generator=g)
+    kept = no_rescale != 0
+    assert torch.equal(no_rescale[kept], delta[kept])
+
+
+def _kept_by_decile(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    ranks = delta.abs().argsort(dim=1).argsort(dim=1)
+    decile = ranks * 10 // delta.shape[1]
+    return torch.stack([(result != 0)[decile == d].float().mean() for d in range(10)])
+
+
+def test_della_keep_probability_rises_with_rank_like_mergekit() -> None:
+    delta = torch.randn(400, 1000, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(0)
+    ours = sparsify.della_magprune(delta.clone(), 0.5, 0.2, rescale=True, generator=g)
+    theirs = mergekit_sparsify.della_magprune(delta, 0.5, 0.2, mergekit_sparsify.RescaleNorm.l1)
+    expected = 0.3 + 0.4 * (torch.arange(10) + 0.5) / 10  # linear in rank, 0.3 .. 0.7
+    torch.testing.assert_close(_kept_by_decile(ours, delta), expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(_kept_by_decile(theirs, delta), expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(ours.abs().sum(), delta.abs().sum())
+    one_d = sparsify.della_magprune(delta[0].clone(), 0.5, 0.2, rescale=False, generator=g)
+    assert one_d.shape == (1000,) and 400 < int(torch.count_nonzero(one_d)) < 600
+
+
+RANDOMIZED = ["dare_ties", "dare_linear", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("method", RANDOMIZED)
+def test_randomized_methods_are_seeded_per_tensor(method: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 32, generator=g)
+    tensors = {"base": base, **{m: base + torch.randn(64, 32, generator=g) for m in "ab"}}
+    per_model = {m: {"weight": 0.5, "density": 0.5} for m in "ab"}
+
+    def run(seed: int, name: str) -> torch.Tensor:
+        return merge(
+            method,
+            tensors,
+            name=name,
+            model_params=per_model,
+            generator=tensor_generator(seed, name),
+        )
+
+    first = run(7, "model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(first, run(7, "model.layers.0.mlp.up_proj.weight"))  # bit-identical
+    assert not torch.equal(first, run(7, "model.layers.1.mlp.up_proj.weight"))
+    assert not torch.equal(first, run(8, "model.layers.0.mlp.up_proj.weight"))
+
+
+@pytest.mark.parametrize("method", RANDOMIZED)
+def test_randomized_methods_at_density_one_are_deterministic(method: str) -> None:
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(50, generator=g)
+    tensors = {"base": base, **{m: base + torch.randn(50, generator=g) for m in "ab"}}
+    per_model = {m: {"weight": 0.7, "density": 1.0} for m in "ab"}
+    consensus = "ties" if method in ("dare_ties", "della") else "task_arithmetic"
+    params = {"normalize": method == "della"}
+    expected = merge(consensus, tensors, model_params=per_model, params=params)
+    torch.testing.assert_close(
+        merge(method, tensors, model_params=per_model, params=params), expected
+    )
+
+
+# --- edge cases -----------------------------------------------------------------------
+
+
+def test_density_one_keeps_everything() -> None:
+    delta = torch.randn(1000)
+    assert torch.equal(sparsify.magnitude(delta.clone(), 1.0, True), delta)
+    assert torch.equal(sparsify.magnitude_outliers(delta.clone(), 1.0, 0.1, True), delta)
+    assert torch.equal(sparsify.random_drop(delta.clone(), 1.0, True, None), delta)
+    assert torch.equal(sparsify.della_magprune(delta.clone(), 1.0, 0.1, True, None), delta)
+
+
+def test_slerp_of_parallel_vectors_is_linear() -> None:
+    v = torch.randn(10, 4)
+    tensors = {"base": v, "other": 3 * v}
+    got = get_method("slerp").merge(
+        MergeInputs("w", ("base", "other"), tensors, "base", params={"t": 0.25})
+    )
+    torch.testing.assert_close(got, 0.75 * v + 0.25 * 3 * v)
+    antiparallel = {"base": v, "other": -v}
+    got = get_method("slerp").merge(
+        MergeInputs("w", ("base", "other"), antiparallel, "base", params={"t": 0.5})
+    )
+    torch.testing.assert_close(got, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "sce",
+        "ram",
+        "ramplus_tl",
+    ],
+)
+def test_zero_task_vectors_give_the_base(method: str) -> None:
+    base = torch.randn(8, 6)
+    tensors = {"base": base, "a": base.clone(), "b": base.clone()}
+    per_model = (
+        {m: {"weight": 1.0, "density": 0.5} for m in "ab"}
+        if method not in ("sce", "ram", "ramplus_tl")
+        else {}
+    )
+    got = merge(method, tensors, model_params=per_model, generator=tensor_generator(0, "w"))
+    assert torch.equal(got, base)
+
+
+def test_methods_never_modify_their_inputs() -> None:
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(12, 10, generator=g)
+    tensors = {"base": base, "a": base + torch.randn(12, 10, generator=g), "b": base + 1}
+    copies = {k: v.clone() for k, v in tensors.items()}
+    for method in ("ties", "dare_ties", "della", "breadcrumbs_ties", "sce", "multislerp", "ram"):
+        per_model = {m: {"weight": 0.5, "density": 0.5} for m in "ab"}
+        merge(method, tensors, model_params=per_model, generator=tensor_generator(0, "w"))
+    assert all(torch.equal(tensors[k], copies[k]) for k in tensors)
+
+
+# --- user errors ----------------------------------------------------------------------
+
+
+def test_unknown_method_lists_the_valid_ones() -> None:
+    with pytest.raises(UserError, match=r"merge_method.*tie.*use one of: arcee_fusion") as info:
+        get_method("tie")
+    assert all(name in str(info.value) for name in method_names())
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_out_of_range_is_a_user_error(density: float) -> None:
+    tensors = {"base": torch.zeros(4), "a": torch.ones(4)}
+    with pytest.raises(UserError, match=r"models\[a\]\.parameters\.density"):
+        merge("ties", tensors, model_params={"a": {"weight": 1.0, "density": density}})
+
+
+def test_della_epsilon_too_wide_is_a_user_error() -> None:
+    tensors = {"base": torch.zeros(4), "a": torch.ones(4)}
+    with pytest.raises(UserError, match="epsilon"):
+        merge("della", tensors, model_params={"a": {"weight": 1.0, "density": 0.2, "epsilon": 0.3}})
+
+
+def test_missing_weight_and_bad_types_are_user_errors() -> None:
+    tensors = {"base": torch.zeros(4), "a": torch.ones(4)}
+    with pytest.raises(UserError, match=r"models\[a\]\.parameters\.weight.*missing"):
+        merge("task_arithmetic", tensors)
+    with pytest.raises(UserError, match=r"parameters\.normalize"):
+        merge("ties", tensors, model_params={"a": {"weight": 1.0}}, params={"normalize": "yes"})
+
+
+def test_check_inputs_rejects_what_mergekit_rejects() -> None:
+    check_inputs(get_method("ties"), ["a", "b"], "base")
+    check_inputs(get_method("linear"), ["a", "b"], None)
+    with pytest.raises(UserError, match=r"base_model.*ties needs a base_model"):
+        check_inputs(get_method("ties"), ["a", "b"], None)
+    with pytest.raises(UserError, match="slerp takes exactly 2 input models"):
+        check_inputs(get_method("slerp"), ["a", "b", "c"], "a")
+    with pytest.raises(UserError, match="nuslerp takes exactly 2 non-base models"):
+        check_inputs(get_method("nuslerp"), ["a", "b", "c"], None)
+    with pytest.raises(UserError, match="model_stock takes at least 3 input models"):
+        check_inputs(get_method("model_stock"), ["a"], "base")
+    check_inputs(get_method("slerp"), ["a"], "base")  # the base not listed still counts
