@@ -48,6 +48,13 @@ def fuse_pairwise(cfg: FuseConfig, select_topk: float = 1.0) -> Path | None:
         raise UserError("--sce-topk", select_topk, "use a fraction in (0, 1]")
     validate(cfg)
     own, others = split_summaries(Path(cfg.target), list(cfg.summaries))
+    if len(others) == 1 and select_topk < 1.0:
+        raise UserError(
+            "--sce-topk",
+            select_topk,
+            "use 1.0 with a single source (SCE selects by variance across fused copies; "
+            "with one copy every variance is 0 and nothing would be kept)",
+        )
     work = work_dir(Path(cfg.out))
     work.mkdir(parents=True, exist_ok=True)
     fused = []
