@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Self
 
 from protocol import codec
 from protocol.content import HASH_BYTES, record_hash
-from protocol.errors import SchemaError
+from protocol.errors import HashMismatchError, SchemaError
 from protocol.version import PROTOCOL_VERSION, check_version
 
 
@@ -194,6 +194,14 @@ class Record(Struct):
         check_version(value.get("v"))
         fields = {k: v for k, v in value.items() if k not in ("t", "v")}
         return cls.from_wire(fields, cls.__name__)
+
+    @classmethod
+    def from_verified_bytes(cls, data: bytes, expected_hash: bytes) -> Self:
+        """Decode a content-addressed record (a manifest fetched from a peer) after checking that
+        its bytes hash to `expected_hash` (from a signed card or proposal)."""
+        if not isinstance(data, bytes) or record_hash(data) != expected_hash:
+            raise HashMismatchError(f"{cls.__name__} bytes do not match the expected hash")
+        return cls.from_bytes(data)
 
     def hash(self) -> bytes:
         """record_hash of the canonical bytes (a manifest's hash, a round id)."""
