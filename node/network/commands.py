@@ -7,6 +7,7 @@ their work and leave; each returns plain data for the CLI to print.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from node.errors import UserError
 from node.network import discovery
 from node.network.config import NetworkConfig
 from node.network.fetch import FetchReport, Progress, check_out_dir, fetch_expert
+from node.network.process import descendant_pids, kill_all
 from node.network.session import Session
 from protocol.validators import unode_validators
 
@@ -39,14 +41,14 @@ def with_session(net: NetworkConfig, work: Callable[[Session], Awaitable[T]]) ->
         return asyncio.run(_run_closing(session, work))
     finally:
         session.stop()
+        kill_all(descendant_pids(os.getpid()), wait=2.0)  # hivemind's torch_shm_manager
 
 
 async def _run_closing(session: Session, work: Callable[[Session], Awaitable[T]]) -> T:
     try:
         return await work(session)
     finally:
-        if session._p2p is not None:
-            await session._p2p.shutdown()
+        await session.close_p2p()
 
 
 async def resolve_expert_id(session: Session, network: str, text: str) -> bytes:

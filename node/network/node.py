@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
 
 from node.network.config import JoinConfig
+from node.network.process import descendant_pids, kill_all
 from node.network.service import BlobServer
 from node.network.session import Session
 
@@ -44,6 +46,8 @@ def run_join(cfg: JoinConfig, say: Callable[[str], None] | None = None) -> int:
     finally:
         if session is not None:
             session.stop()
+        # hivemind's shared-memory futures start torch_shm_manager; it would linger a few seconds
+        kill_all(descendant_pids(os.getpid()), wait=2.0)
         for s, h in old.items():
             signal.signal(s, h)
     out("unode: stopped")
@@ -74,7 +78,7 @@ async def _serve(
             await hosting.announce(session)
     out("unode: stopping: withdrawing announcements")
     await hosting.withdraw(session)
-    await p2p.shutdown()
+    await session.close_p2p()
 
 
 def _print_address(cfg: JoinConfig, session: Session, out: Callable[[str], None]) -> None:

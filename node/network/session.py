@@ -7,11 +7,13 @@ next to a `join` that uses the same state directory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import P2P
 
 from node.errors import UserError
 from node.network.config import NetworkConfig
@@ -37,12 +39,15 @@ class Session:
         self.identity: Identity | None = None
         self.dht: NodeDHT | None = None
         self._p2p: Any = None
+        self._p2p_loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         kwargs: dict[str, Any] = {}
         if self.persistent:
             self.identity = _load_identity(self.net.state_dir)
             kwargs["identity_path"] = str(self.net.state_dir / KEY_FILE_NAME)
+            # hivemind's "identity already taken?" probe parses only RSA keys (ours is Ed25519)
+            kwargs["check_if_identity_free"] = False
         if self.net.announce_maddrs:
             kwargs["announce_maddrs"] = list(self.net.announce_maddrs)
         try:
@@ -65,11 +70,21 @@ class Session:
             ) from None
 
     async def p2p(self) -> Any:
-        """hivemind's P2P in this process, sharing the DHT's p2pd (one daemon per node)."""
+        """hivemind's P2P in this process, sharing the DHT's p2pd (one daemon per node).
+
+        One replica per event loop: its sockets belong to the loop that opened them.
+        """
         assert self.dht is not None, "start() first"
-        if self._p2p is None:
-            self._p2p = await self.dht.replicate_p2p()
+        loop = asyncio.get_running_loop()
+        if self._p2p is None or self._p2p_loop is not loop:
+            maddr = await self.dht.run_coroutine(_daemon_maddr, return_future=True)
+            self._p2p, self._p2p_loop = await P2P.replicate(maddr), loop
         return self._p2p
+
+    async def close_p2p(self) -> None:
+        if self._p2p is not None:
+            await self._p2p.shutdown()
+            self._p2p = None
 
     def visible_maddrs(self) -> list[str]:
         assert self.dht is not None, "start() first"
@@ -84,6 +99,11 @@ class Session:
         if self.dht is not None:
             self.dht.stop()
             self.dht = None
+
+
+async def _daemon_maddr(_dht: Any, node: Any) -> Any:
+    """Runs inside the DHT process: where its p2pd listens for local clients."""
+    return node.p2p.daemon_listen_maddr
 
 
 def _load_identity(state_dir: Path) -> Identity:

@@ -1,0 +1,372 @@
+"""Multi-node tests: real `unode join` processes (hivemind DHT + p2pd) on loopback.
+
+Two honest providers host one expert, a third alters every byte it serves; fetches must come
+out bit-identical, detect the liar, and survive a provider killed mid-transfer. Every child is
+killed in teardown, and the lifecycle tests check that no process outlives its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from node import toymodels
+from node.network.config import NetworkConfig
+from node.network.discovery import Provider, find_providers, list_experts
+from node.network.fetch import fetch_expert
+from node.network.manifest import load_expert
+from node.network.process import descendant_pids, kill_all, pid_alive
+from node.network.session import Session
+from protocol.validators import unode_validators
+
+ROOT = Path(__file__).resolve().parents[1]
+UNODE = str(ROOT / ".venv" / "bin" / "unode")
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+NETWORK = "nettest"
+
+
+@dataclass
+class NodeProc:
+    """A `unode join` child process and every line it printed."""
+
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    peer_id: str = ""
+    maddr: str = ""
+    family: list[int] = field(default_factory=list)  # pids below it once ready
+
+    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no {prefix!r} line; node printed:\n" + "".join(self.seen[-30:]))
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL for the node and anything it left behind."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        kill_all(self.family, signal.SIGKILL, wait=2.0)
+
+
+def start_node(state: Path, *args: str, env: dict[str, str] | None = None) -> NodeProc:
+    cmd = [
+        UNODE,
+        "join",
+        "--network",
+        NETWORK,
+        "--host-maddr",
+        LOOPBACK,
+        "--state-dir",
+        str(state),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    node = NodeProc(proc)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            node.lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return node
+
+
+def ready(node: NodeProc) -> NodeProc:
+    line = node.wait_for("UNODE_READY")
+    fields = dict(part.split("=", 1) for part in line.split()[1:])
+    node.peer_id, node.maddr = fields["peer"], fields["maddr"]
+    node.family = descendant_pids(node.proc.pid)
+    return node
+
+
+@dataclass
+class Swarm:
+    expert_dir: Path
+    expert_id: bytes
+    a: NodeProc
+    b: NodeProc
+    liar: NodeProc
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: object) -> Iterator[Swarm]:
+    tmp = tmp_path_factory.mktemp("net")
+    # ~14 MB, 39 tensors: enough chunks that a provider can die mid-transfer
+    src = toymodels.build_model(tmp / "expert", tokenizer=bpe_tokenizer, hidden=256, seed=3)
+    copies = [shutil.copytree(src, tmp / f"copy{i}") for i in range(3)]
+    nodes: list[NodeProc] = []
+    try:
+        a = start_node(tmp / "sa", "--expert", str(copies[0]), "--domain", "code")
+        nodes.append(a)
+        ready(a)
+        b = start_node(
+            tmp / "sb", "--initial-peers", a.maddr, "--expert", str(copies[1]), "--domain", "code"
+        )
+        liar = start_node(
+            tmp / "sc",
+            "--initial-peers",
+            a.maddr,
+            "--expert",
+            str(copies[2]),
+            "--domain",
+            "code",
+            env={"UNODE_TEST_CORRUPT_SERVING": "1"},
+        )
+        nodes += [b, liar]
+        ready(b), ready(liar)
+        expert_id = load_expert(src, tmp / "cache").expert_id
+        yield Swarm(src, expert_id, a, b, liar, tmp)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture(scope="module")
+def client(swarm: Swarm) -> Iterator[Session]:
+    """A client session in this process (its own DHT process and p2pd)."""
+    net = NetworkConfig(network=NETWORK, initial_peers=(swarm.a.maddr,), host_maddrs=(LOOPBACK,))
+    session = Session(net, persistent=False, validators=unode_validators(NETWORK))
+    session.start()
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+def assert_same_tree(got: Path, want: Path) -> None:
+    names = sorted(p.name for p in want.iterdir())
+    assert sorted(p.name for p in got.iterdir()) == names
+    for name in names:
+        assert (got / name).read_bytes() == (want / name).read_bytes(), name
+
+
+def test_experts_lists_the_hosted_expert_with_its_providers(swarm: Swarm) -> None:
+    out = subprocess.run(
+        [UNODE, "experts", "--network", NETWORK, "--initial-peers", swarm.a.maddr, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    experts = json.loads(out.stdout)
+    assert [e["expert_id"] for e in experts] == [swarm.expert_id.hex()]
+    assert experts[0]["domains"] == ["code"]
+    assert experts[0]["architecture"] == "LlamaForCausalLM"
+    assert sorted(experts[0]["providers"]) == sorted(
+        [swarm.a.peer_id, swarm.b.peer_id, swarm.liar.peer_id]
+    )
+
+
+def test_fetch_cli_rebuilds_a_bit_identical_directory(swarm: Swarm) -> None:
+    out_dir = swarm.tmp / "fetched-cli"
+    out = subprocess.run(
+        [
+            UNODE,
+            "fetch",
+            swarm.expert_id.hex()[:12],
+            str(out_dir),
+            "--network",
+            NETWORK,
+            "--initial-peers",
+            swarm.b.maddr,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "all chunks verified" in out.stdout
+    assert_same_tree(out_dir, swarm.expert_dir)
+    assert not out_dir.with_name(out_dir.name + ".partial").exists()
+    # whoever the liar served was caught: the output is identical whatever the order
+    if swarm.liar.peer_id in out.stderr:
+        assert "lied" in out.stderr
+
+
+def test_provider_that_alters_bytes_is_dropped_and_logged(
+    swarm: Swarm, client: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    out_dir = swarm.tmp / "fetched-liar"
+
+    async def run() -> object:
+        providers = await find_providers(client.dht, NETWORK, swarm.expert_id)
+        assert {p.peer_id for p in providers} == {
+            swarm.a.peer_id,
+            swarm.b.peer_id,
+            swarm.liar.peer_id,
+        }
+        liar_first = sorted(providers, key=lambda p: p.peer_id != swarm.liar.peer_id)
+        # the manifest comes from the first provider (the liar serves manifests intact)
+        try:
+            return await fetch_expert(
+                await client.p2p(), liar_first, swarm.expert_id, out_dir, workers=3
+            )
+        finally:
+            await client.close_p2p()
+
+    with caplog.at_level(logging.WARNING, logger="node.network"):
+        report = asyncio.run(run())
+    assert_same_tree(out_dir, swarm.expert_dir)
+    assert list(report.dropped) == [swarm.liar.peer_id]  # type: ignore[attr-defined]
+    assert "lied" in report.dropped[swarm.liar.peer_id]  # type: ignore[attr-defined]
+    logged = [r.getMessage() for r in caplog.records if swarm.liar.peer_id in r.getMessage()]
+    assert any("fails verification" in m for m in logged), logged
+
+
+def test_fetch_resumes_from_the_journal_after_an_interruption(
+    swarm: Swarm, client: Session
+) -> None:
+    out_dir = swarm.tmp / "fetched-resume"
+    honest = [Provider(swarm.a.peer_id, (swarm.a.maddr,))]
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_halfway(done: int, total: int) -> None:
+        if done > total // 2:
+            raise Interrupt
+
+    async def run(progress: object) -> object:
+        try:
+            return await fetch_expert(
+                await client.p2p(), honest, swarm.expert_id, out_dir, 2, progress
+            )  # type: ignore[arg-type]
+        finally:
+            await client.close_p2p()
+
+    with pytest.raises(Interrupt):
+        asyncio.run(run(stop_halfway))
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    assert (partial / "journal").stat().st_size > 0 and not out_dir.exists()
+    # damage one byte the journal vouches for: resume must re-hash and re-fetch it
+    shard = partial / "tree" / "model.safetensors"
+    with shard.open("r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = asyncio.run(run(None))
+    assert_same_tree(out_dir, swarm.expert_dir)
+    total = report.total_bytes  # type: ignore[attr-defined]
+    assert report.reused_bytes > total // 4  # type: ignore[attr-defined]
+    assert report.fetched_bytes < total  # type: ignore[attr-defined]
+    assert not partial.exists()
+
+
+def test_fetch_fails_over_when_a_provider_is_killed_mid_transfer(
+    swarm: Swarm, client: Session
+) -> None:
+    out_dir = swarm.tmp / "fetched-failover"
+    victim = swarm.b
+    honest = [
+        Provider(swarm.a.peer_id, (swarm.a.maddr,)),
+        Provider(victim.peer_id, (victim.maddr,)),
+    ]
+    killed: list[int] = []
+
+    def kill_victim(done: int, total: int) -> None:
+        if not killed and done >= 2 << 20:
+            os.kill(victim.proc.pid, signal.SIGKILL)  # no chance to clean up
+            killed.append(done)
+
+    async def run() -> object:
+        try:
+            return await fetch_expert(
+                await client.p2p(), honest, swarm.expert_id, out_dir, 4, kill_victim
+            )
+        finally:
+            await client.close_p2p()
+
+    report = asyncio.run(run())
+    assert killed and killed[0] < report.total_bytes // 2  # type: ignore[attr-defined]
+    assert_same_tree(out_dir, swarm.expert_dir)
+    assert victim.peer_id in report.dropped  # type: ignore[attr-defined]
+    # its DHT process and p2pd die with it (parent-death signal): no orphans
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in victim.family):
+        time.sleep(0.1)
+    assert not [p for p in victim.family if pid_alive(p)]
+
+
+def test_withdrawn_expert_disappears_and_shutdown_leaves_no_process(
+    swarm: Swarm, client: Session, tmp_path: Path
+) -> None:
+    """The built-in default expert; SIGINT withdraws it, stops DHT and p2pd, exits 0."""
+    node = ready(start_node(tmp_path / "sd", "--initial-peers", swarm.a.maddr))
+    try:
+        assert any(
+            "built-in default expert" in line or "hosting expert" in line for line in node.seen
+        )
+        family = node.family
+        assert len(family) >= 2  # the DHT process and its p2pd
+        p2pd = [p for p in family if "p2pd" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(p2pd) == 1
+
+        async def experts() -> set[str]:
+            return {p for k in await list_experts(client.dht, NETWORK) for p in k.owners}
+
+        assert node.peer_id in asyncio.run(experts())
+        node.proc.send_signal(signal.SIGINT)
+        assert node.proc.wait(20) == 0
+        assert not [p for p in family if pid_alive(p)]
+        assert node.peer_id not in asyncio.run(experts())
+    finally:
+        node.stop()
+
+
+def test_sigterm_during_service_exits_zero_without_orphans(swarm: Swarm, tmp_path: Path) -> None:
+    node = ready(
+        start_node(
+            tmp_path / "se",
+            "--initial-peers",
+            swarm.a.maddr,
+            "--expert",
+            str(swarm.expert_dir),
+            "--domain",
+            "prose",
+        )
+    )
+    try:
+        family = node.family
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(20) == 0
+        node.wait_for("unode: stopped", timeout=5)
+        assert not [p for p in family if pid_alive(p)]
+    finally:
+        node.stop()
