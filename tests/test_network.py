@@ -26,7 +26,7 @@ import pytest
 from node import toymodels
 from node.network.config import NetworkConfig
 from node.network.discovery import Provider, find_providers, list_experts
-from node.network.fetch import fetch_expert
+from node.network.fetch import FetchReport, Progress, fetch_expert
 from node.network.manifest import load_expert
 from node.network.process import descendant_pids, kill_all, pid_alive
 from node.network.session import Session
@@ -224,7 +224,7 @@ def test_provider_that_alters_bytes_is_dropped_and_logged(
 ) -> None:
     out_dir = swarm.tmp / "fetched-liar"
 
-    async def run() -> object:
+    async def run() -> FetchReport:
         providers = await find_providers(client.dht, NETWORK, swarm.expert_id)
         assert {p.peer_id for p in providers} == {
             swarm.a.peer_id,
@@ -243,8 +243,8 @@ def test_provider_that_alters_bytes_is_dropped_and_logged(
     with caplog.at_level(logging.WARNING, logger="node.network"):
         report = asyncio.run(run())
     assert_same_tree(out_dir, swarm.expert_dir)
-    assert list(report.dropped) == [swarm.liar.peer_id]  # type: ignore[attr-defined]
-    assert "lied" in report.dropped[swarm.liar.peer_id]  # type: ignore[attr-defined]
+    assert list(report.dropped) == [swarm.liar.peer_id]
+    assert "lied" in report.dropped[swarm.liar.peer_id]
     logged = [r.getMessage() for r in caplog.records if swarm.liar.peer_id in r.getMessage()]
     assert any("fails verification" in m for m in logged), logged
 
@@ -262,11 +262,11 @@ def test_fetch_resumes_from_the_journal_after_an_interruption(
         if done > total // 2:
             raise Interrupt
 
-    async def run(progress: object) -> object:
+    async def run(progress: Progress | None) -> FetchReport:
         try:
             return await fetch_expert(
                 await client.p2p(), honest, swarm.expert_id, out_dir, 2, progress
-            )  # type: ignore[arg-type]
+            )
         finally:
             await client.close_p2p()
 
@@ -283,9 +283,9 @@ def test_fetch_resumes_from_the_journal_after_an_interruption(
         f.write(bytes([byte[0] ^ 0xFF]))
     report = asyncio.run(run(None))
     assert_same_tree(out_dir, swarm.expert_dir)
-    total = report.total_bytes  # type: ignore[attr-defined]
-    assert report.reused_bytes > total // 4  # type: ignore[attr-defined]
-    assert report.fetched_bytes < total  # type: ignore[attr-defined]
+    total = report.total_bytes
+    assert report.reused_bytes > total // 4
+    assert report.fetched_bytes < total
     assert not partial.exists()
 
 
@@ -305,7 +305,7 @@ def test_fetch_fails_over_when_a_provider_is_killed_mid_transfer(
             os.kill(victim.proc.pid, signal.SIGKILL)  # no chance to clean up
             killed.append(done)
 
-    async def run() -> object:
+    async def run() -> FetchReport:
         try:
             return await fetch_expert(
                 await client.p2p(), honest, swarm.expert_id, out_dir, 4, kill_victim
@@ -314,9 +314,9 @@ def test_fetch_fails_over_when_a_provider_is_killed_mid_transfer(
             await client.close_p2p()
 
     report = asyncio.run(run())
-    assert killed and killed[0] < report.total_bytes // 2  # type: ignore[attr-defined]
+    assert killed and killed[0] < report.total_bytes // 2
     assert_same_tree(out_dir, swarm.expert_dir)
-    assert victim.peer_id in report.dropped  # type: ignore[attr-defined]
+    assert victim.peer_id in report.dropped
     # its DHT process and p2pd die with it (parent-death signal): no orphans
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(pid_alive(p) for p in victim.family):
