@@ -97,6 +97,91 @@ def demo_cmd(
 
 # --- keys (protocol identity) -----------------------------------------------------------
 
+keys_app = typer.Typer(help="This node's Ed25519 identity (record signing key = libp2p peer id).")
+app.add_typer(keys_app, name="keys")
+KeysStateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="Where identity.key lives (default $UNODE_STATE_DIR or ~/.local/share/unode).",
+    ),
+]
+KeysJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _key_path(state_dir: Path | None) -> Path:
+    from protocol.identity import KEY_FILE_NAME, default_state_dir
+
+    return (state_dir if state_dir is not None else default_state_dir()) / KEY_FILE_NAME
+
+
+def _print_identity(identity: object, path: Path, created: bool, as_json: bool) -> None:
+    import json
+
+    from protocol.identity import Identity
+
+    assert isinstance(identity, Identity)
+    info = {
+        "peer_id": identity.peer_id,
+        "public_key": identity.public_key.hex(),
+        "short_id": identity.short_id,
+        "key_file": str(path),
+        "created": created,
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{'created' if created else 'loaded'} {path}")
+    typer.echo(f"peer id     {info['peer_id']}")
+    typer.echo(f"public key  {info['public_key']}")
+    typer.echo(f"short id    {info['short_id']}")
+
+
+def _identity_user_error(err: Exception, path: Path) -> UserError:
+    from protocol.errors import IdentityError
+
+    if isinstance(err, IdentityError):
+        return UserError("key file", err.path, err.fix, problem=err.problem)
+    return UserError("--state-dir", str(path.parent), "choose a directory you can write", str(err))
+
+
+@keys_app.command("init")
+def keys_init_cmd(state_dir: KeysStateDir = None, as_json: KeysJson = False) -> None:
+    """Create this node's key file (mode 0600); refuses to replace an existing one."""
+    from protocol.errors import IdentityError
+    from protocol.identity import Identity, save_identity
+
+    path = _key_path(state_dir)
+    identity = Identity.generate()
+    try:
+        if path.exists():
+            raise UserError(
+                "key file",
+                str(path),
+                "keep it (see `unode keys show`) or move it away first",
+                "already exists",
+            )
+        save_identity(identity, path)
+    except (IdentityError, OSError) as err:
+        fail(_identity_user_error(err, path))
+    except UserError as err:
+        fail(err)
+    _print_identity(identity, path, True, as_json)
+
+
+@keys_app.command("show")
+def keys_show_cmd(state_dir: KeysStateDir = None, as_json: KeysJson = False) -> None:
+    """Print this node's peer id and public key (refuses a key file others can read)."""
+    from protocol.errors import IdentityError
+    from protocol.identity import load_identity
+
+    path = _key_path(state_dir)
+    try:
+        identity = load_identity(path)
+    except (IdentityError, OSError) as err:
+        fail(_identity_user_error(err, path))
+    _print_identity(identity, path, False, as_json)
+
 
 # --- fusion (node/fusion) ---------------------------------------------------------------
 
