@@ -7,6 +7,7 @@ strict: it rejects trailing bytes, other types, and any encoding that is not the
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -38,9 +39,32 @@ def _canonical(value: Any, depth: int) -> Any:
         for key in value:
             if not isinstance(key, str):
                 raise DecodeError(f"map key {key!r} is not a str")
-        ordered = sorted(value, key=lambda k: k.encode("utf-8"))
-        return {key: _canonical(value[key], depth + 1) for key in ordered}
+        # code-point order is UTF-8 byte order, so sorting the str keys sorts their encodings
+        return {key: _canonical(value[key], depth + 1) for key in sorted(value)}
     raise DecodeError(f"type {type(value).__name__} is not allowed in a record")
+
+
+def _check_decoded(value: Any, depth: int) -> None:
+    """Like _canonical, for a freshly decoded value: checks in place, demands sorted map keys."""
+    if depth > MAX_DEPTH:
+        raise DecodeError(f"nesting deeper than {MAX_DEPTH}")
+    if isinstance(value, list):
+        for item in value:
+            _check_decoded(item, depth + 1)
+    elif isinstance(value, dict):
+        keys = list(value)
+        for key in keys:
+            if not isinstance(key, str):
+                raise DecodeError(f"map key {key!r} is not a str")
+        if any(a >= b for a, b in itertools.pairwise(keys)):
+            raise DecodeError("map keys are not in canonical (sorted) order")
+        for item in value.values():
+            _check_decoded(item, depth + 1)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise DecodeError(f"float {value} is not finite")
+    elif not (value is None or isinstance(value, (bool, int, str, bytes))):
+        raise DecodeError(f"type {type(value).__name__} is not allowed in a record")
 
 
 def encode(value: Any, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -74,6 +98,9 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
         raise
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as err:
         raise DecodeError(f"not valid msgpack: {type(err).__name__}: {err}") from None
-    if bytes(encode(value, max_bytes=max_bytes)) != bytes(data):
-        raise DecodeError("not the canonical encoding (key order, int/str width or float32)")
+    _check_decoded(value, 0)
+    # decoded maps keep their wire order, so re-encoding as is reproduces canonical input exactly
+    again = msgpack.packb(value, use_bin_type=True, use_single_float=False)
+    if again != bytes(data):
+        raise DecodeError("not the canonical encoding (int/str/bin width or float32)")
     return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import re
 
 from protocol.errors import BindingError, SchemaError, VersionError
@@ -98,6 +99,11 @@ def parse_dht_key(name: object) -> DhtKey:
     """Parse a key name from a peer; raises VersionError / SchemaError if it is not a unode key."""
     if not isinstance(name, str) or len(name) > MAX_KEY_NAME:
         raise SchemaError("a key name is a str of at most 256 characters")
+    return _parse_dht_key(name)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few keys are validated over and over
+def _parse_dht_key(name: str) -> DhtKey:
     parts = name.split("/")
     if len(parts) < 4 or parts[0] != KEY_ROOT:
         raise SchemaError(f"{name[:80]!r} is not a unode key")
