@@ -183,7 +183,8 @@ def load_identity(path: Path) -> Identity:
         raise IdentityError(
             str(path), f"key file mode is {stat.S_IMODE(mode):o}", f"run `chmod 600 {path}`"
         )
-    data = path.read_bytes()
+    with path.open("rb") as f:
+        data = f.read(1024)  # a key file is 68 bytes; never slurp whatever was put there
     try:
         return Identity.from_libp2p_private_key(data)
     except ValueError as err:

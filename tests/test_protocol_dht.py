@@ -25,6 +25,7 @@ from protocol.validators import UnodeRecordValidator, dht_key_id, unode_validato
 
 NET = "test"
 ALICE = Identity.from_seed(b"a" * 32)
+BOB = Identity.from_seed(b"b" * 32)
 MALLORY = Identity.from_seed(b"m" * 32)
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -37,25 +38,33 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    key_file = tmp_path_factory.mktemp("alice") / "identity.key"
-    save_identity(ALICE, key_file)
+    key_dir = tmp_path_factory.mktemp("keys")
+    save_identity(ALICE, key_dir / "alice.key")
+    save_identity(BOB, key_dir / "bob.key")
     started: list[hivemind.DHT] = []
     try:
         first = hivemind.DHT(
             start=True,
             host_maddrs=LOOPBACK,
             record_validators=unode_validators(NET),
-            identity_path=str(key_file),
+            identity_path=str(key_dir / "alice.key"),
         )
         started.append(first)
         peers = [str(a) for a in first.get_visible_maddrs()]
-        for validators in (unode_validators(NET), unode_validators(NET), []):
+        # joining with a key file: hivemind's "identity taken?" probe parses only RSA key files
+        bob = {"identity_path": str(key_dir / "bob.key"), "check_if_identity_free": False}
+        for validators, kwargs in (
+            (unode_validators(NET), bob),
+            (unode_validators(NET), {}),
+            ([], {}),
+        ):
             started.append(
                 hivemind.DHT(
                     start=True,
                     host_maddrs=LOOPBACK,
                     initial_peers=peers,
                     record_validators=validators,
+                    **kwargs,
                 )
             )
         yield Swarm(started[:3], started[3])
@@ -108,6 +117,7 @@ def card_record(label: str, exp_in: float = 600.0, seq: int | None = None) -> Si
 
 def test_dht_peer_id_is_the_identity(swarm: Swarm) -> None:
     assert swarm.honest[0].peer_id.to_base58() == ALICE.peer_id
+    assert swarm.honest[1].peer_id.to_base58() == BOB.peer_id  # joined via initial_peers
     peer = PeerRecord(ALICE.peer_id, (), (), "unode-test")
     name = dht_key(NET, "peers")
     assert publish(swarm, sign_record(ALICE, name, peer, expiration=time.time() + 300), via=0)
