@@ -322,6 +322,7 @@ def test_envelope_rejects_tampering() -> None:
             _resigned(signed, seq=int((time.time() + 3600) * 1e6), expiration=time.time() + 7200),
         ],
         VersionError: [_resigned(signed, key=signed.key.replace("/v1/", "/v2/"))],
+        SchemaError: [_resigned(signed, key=dht_key("test", "claim", fake_hash("r"), 1))],
     }
     for error, bad_ones in cases.items():
         for bad in bad_ones:
@@ -330,6 +331,18 @@ def test_envelope_rejects_tampering() -> None:
 
 
 def test_signing_refuses_what_validators_would_reject() -> None:
+    card = sample_card(ALICE)
+    with pytest.raises(BindingError, match="cannot be stored"):
+        sign_record(
+            ALICE, dht_key("test", "claim", fake_hash("r"), 1), card, expiration=time.time() + 60
+        )
+    with pytest.raises(BindingError, match="item"):
+        sign_record(
+            ALICE,
+            dht_key("test", "family", card.base_fingerprint),
+            card,
+            expiration=time.time() + 60,
+        )
     with pytest.raises(BindingError, match="owner"):
         _signed(identity=MALLORY)  # a card owned by ALICE, signed by MALLORY
     with pytest.raises(ExpirationError):

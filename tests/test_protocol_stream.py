@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from protocol.content import chunk_hash, tensor_hash
 from protocol.errors import HashMismatchError, SizeError, StreamError
+from protocol.records import TensorEntry, TensorManifest
 from protocol.stream import (
     CHUNK_OVERHEAD,
     FrameSplitter,
@@ -142,3 +145,46 @@ def test_length_prefixed_byte_stream() -> None:
         cut.close()
     with pytest.raises(SizeError):
         FrameSplitter(max_frame=100).feed(length_prefixed(frames[1]))
+
+
+def test_real_safetensors_tensors_stream_into_torch_buffers(tmp_path: Path) -> None:
+    """Manifest entries from a real safetensors file; each tensor streamed into torch memory."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {
+        "a.weight": torch.randn(3, 5),
+        "b.bf16": torch.randn(7).to(torch.bfloat16),
+        "c.index": torch.arange(4, dtype=torch.int64).reshape(2, 2),
+        "d.empty": torch.zeros(0, 4, dtype=torch.float16),
+        "e.big": torch.randn(600),  # 2400 bytes: 3 chunks
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    body = memoryview(raw)[8 + header_len :]
+    entries = []
+    for name in sorted(k for k in header if k != "__metadata__"):
+        meta = header[name]
+        begin, end = meta["data_offsets"]
+        data = body[begin:end]
+        digest = tensor_hash(meta["dtype"], meta["shape"], data, CHUNK)
+        entries.append(TensorEntry(name, meta["dtype"], tuple(meta["shape"]), end - begin, digest))
+    manifest = TensorManifest(CHUNK, tuple(entries), ())
+    assert TensorManifest.from_verified_bytes(manifest.to_bytes(), manifest.hash()) == manifest
+    assert {e.dtype for e in entries} == {"F32", "BF16", "I64", "F16"}
+    for entry in manifest.tensors:
+        begin, end = header[entry.name]["data_offsets"]
+        sent = make_header(body[begin:end], CHUNK, entry.dtype, list(entry.shape))
+        assert sent.object_hash == entry.hash
+        original = tensors[entry.name]
+        received = torch.empty_like(original)
+        buffer = received.view(-1).view(torch.uint8).numpy()
+        meta_list: list[object] = ["tensor", entry.dtype, list(entry.shape)]
+        decoder = StreamDecoder(entry.hash, expected_meta=meta_list, out=buffer.data.cast("B"))
+        for frame in encode_stream(body[begin:end], sent):
+            decoder.feed(frame)
+        decoder.finish()
+        assert torch.equal(received, original), entry.name
