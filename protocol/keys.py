@@ -18,7 +18,7 @@ from protocol.identity import PUBLIC_KEY_BYTES, check_public_key, peer_id_from_p
 from protocol.records import ExpertCard, PeerRecord, ProviderRecord
 from protocol.round_records import RoundProposal, Score, UnitResult, WorkClaim
 from protocol.schema import Record
-from protocol.version import KEY_ROOT, PROTOCOL_VERSION, check_network_name
+from protocol.version import KEY_ROOT, PROTOCOL_VERSION, check_network_name, namespace
 
 HOUR, DAY = 3600.0, 86400.0
 MAX_TTL = 7 * DAY  # no unode record may be stored for longer
@@ -70,7 +70,7 @@ class DhtKey:
     def name(self) -> str:
         params = iter(self.params)
         segments = [next(params) if s.startswith("{") else s for s in self.spec.path]
-        return "/".join([KEY_ROOT, self.network, f"v{PROTOCOL_VERSION}", *segments])
+        return "/".join([namespace(self.network), *segments])
 
 
 def _param(template: str, value: bytes | int | str) -> str:
