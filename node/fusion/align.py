@@ -87,29 +87,32 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     """
     n, m = cost.shape
     acc = np.empty((n, m), dtype=np.float64)
+    csum = np.cumsum(cost, axis=1, dtype=np.float64)  # (n, m) C[i, j]
+    shifted = np.zeros((n, m))
+    shifted[:, 1:] = csum[:, :-1]  # C[i, k-1]
     prev = np.full(m + 1, np.inf)
     prev[0] = 0.0  # the virtual D[-1, -1]
+    scratch = np.empty(m)
     for i in range(n):
-        c = cost[i].astype(np.float64)
-        csum = np.cumsum(c)
-        from_above = np.minimum(prev[1:], prev[:-1])  # (m,) min(D[i-1, j], D[i-1, j-1])
-        shifted = np.concatenate(([0.0], csum[:-1]))  # C[k-1]
-        row = csum + np.minimum.accumulate(from_above - shifted)
-        acc[i] = row
-        prev = np.concatenate(([np.inf], row))
+        np.minimum(prev[1:], prev[:-1], out=scratch)  # min(D[i-1, j], D[i-1, j-1])
+        scratch -= shifted[i]
+        np.minimum.accumulate(scratch, out=scratch)
+        np.add(scratch, csum[i], out=acc[i])
+        prev[1:] = acc[i]
+        prev[0] = np.inf
     return acc
 
 
 def dtw_path(acc: np.ndarray) -> list[tuple[int, int]]:
     """Backtrack from the end, preferring diagonal, then up, then left on ties (as FuseLLM)."""
     i, j = acc.shape[0] - 1, acc.shape[1] - 1
-    rows = acc.tolist()
+    at = acc.item  # scalar reads without building a Python copy of the matrix
     inf = float("inf")
     path = [(i, j)]
     while i > 0 or j > 0:
-        diag = rows[i - 1][j - 1] if i > 0 and j > 0 else inf
-        up = rows[i - 1][j] if i > 0 else inf
-        left = rows[i][j - 1] if j > 0 else inf
+        diag = at(i - 1, j - 1) if i > 0 and j > 0 else inf
+        up = at(i - 1, j) if i > 0 else inf
+        left = at(i, j - 1) if j > 0 else inf
         if diag <= up and diag <= left:
             i, j = i - 1, j - 1
         elif up <= left:

@@ -18,7 +18,8 @@ from node.fusion.train import FuseConfig, fuse, validate, work_dir
 def split_summaries(pivot: Path, summaries: list[Path]) -> tuple[list[Path], list[Path]]:
     """(summaries of the pivot itself, summaries of the other sources), by weights hash."""
     digest = model_sha256(pivot)
-    own, others = [], []
+    own: list[Path] = []
+    others: list[Path] = []
     for s in summaries:
         (
             own if SummaryReader(s, verify=False).manifest["model_sha256"] == digest else others
