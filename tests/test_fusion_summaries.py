@@ -78,7 +78,8 @@ def test_offsets_match_the_tokenizer(summary: Path, corpus: Path, unigram_tokeni
 def test_values_and_ce_equal_a_direct_forward(summary: Path, gpt2_family: Any) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gpt2_family.base).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(gpt2_family.base)
+    model.eval()
     reader = SummaryReader(summary)
     for index in (0, 9, 19):
         seq = reader.sequence(index)
@@ -149,3 +150,17 @@ def test_bad_input_errors_leave_nothing(tmp_path: Path, gpt2_family: Any) -> Non
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         summarize(gpt2_family.base, empty.with_name("ok.txt"), tmp_path / "busy", SETTINGS)
+
+
+def test_protocol_summary_manifest(summary: Path) -> None:
+    from node.fusion.publish import shard_matches, summary_manifest
+    from protocol.records import SummaryManifest
+
+    record = summary_manifest(summary, chunk_size=1 << 12)
+    again = SummaryManifest.from_bytes(record.to_bytes())
+    assert again == record and record.format == "unode-summaries-1"
+    assert [s.n_sequences for s in record.shards] == [8, 8, 4] and record.top_k == 5
+    data = (summary / "shard-00001.safetensors").read_bytes()
+    assert shard_matches(record, 1, data)
+    assert not shard_matches(record, 0, data) and not shard_matches(record, 1, data[:-1] + b"x")
+    assert not shard_matches(record, 7, data)

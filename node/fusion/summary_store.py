@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from node.errors import UserError
 from node.fusion.tokens import Encoded
 
-FORMAT = "unode-summaries/1"
+FORMAT = "unode-summaries-1"  # also the protocol SummaryManifest.format
 
 
 def smallest_uint(max_value: int) -> type[np.unsignedinteger[Any]]:
@@ -103,6 +103,7 @@ class SummaryReader:
         if self.manifest.get("format") != FORMAT:
             raise UserError("--summaries", str(path), f"use {FORMAT} summaries", "unknown format")
         self._rows: dict[int, tuple[dict[str, np.ndarray], int]] = {}
+        self._shard: dict[int, str] = {}
         for shard in self.manifest["shards"]:
             f = self.path / shard["file"]
             if verify and (not f.is_file() or file_sha256(f) != shard["sha256"]):
@@ -110,12 +111,16 @@ class SummaryReader:
             arrays = load_file(str(f))
             for pos, seq in enumerate(arrays["seq_index"].tolist()):
                 self._rows[seq] = (arrays, pos)
+                self._shard[seq] = shard["file"]
         if len(self._rows) != self.manifest["n_seqs"]:
             raise UserError("--summaries", str(path), "re-run `unode summarize`", "incomplete")
 
     @property
     def n_seqs(self) -> int:
         return len(self._rows)
+
+    def shard_of(self, index: int) -> str:
+        return self._shard[index]
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
