@@ -43,7 +43,10 @@ def merge_cmd(
 ) -> None:
     """Merge models as a mergekit recipe says (every mergekit method; streaming, sharded)."""
     import json
+    import os
 
+    # Large tensors on transparent huge pages: far fewer page faults (read before torch loads).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from node.merge.api import merge
 
     try:
@@ -82,6 +85,9 @@ def demo_cmd(
     ] = None,
 ) -> None:
     """Build tiny offline models (cached) and merge them three ways; print what was done."""
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from node.merge.demo import run_demo, unode_home
 
     try:

@@ -1,23 +1,30 @@
 """The streaming executor: one output tensor at a time, reading the next tensor's inputs and
 writing the previous result on two helper threads while the current one is merged.
 
-At most two tensors' inputs and two results are alive at once, whatever the model size.
+Memory stays at about the largest tensor's inputs plus its method temporaries: the next job is
+prefetched only when both jobs' inputs together fit in the largest job's, and buffers are
+recycled through a plan-aware pool. Largest tensors run first (the file layout is fixed by the
+plan, so execution order never changes the output bytes).
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from node.errors import UserError
+from node.merge.buffers import BufferPool, Key
 from node.merge.io import TensorSource
 from node.merge.methods.base import MergeInputs, MergeMethod, tensor_generator
 from node.merge.plan import TensorJob
 from node.merge.vocab import VocabRemap
 from node.merge.writer import ShardedWriter
+
+F32 = torch.float32
 
 
 def _finite(name: str, model: str, x: torch.Tensor) -> None:
@@ -29,15 +36,37 @@ def _finite(name: str, model: str, x: torch.Tensor) -> None:
         )  # fmt: skip
 
 
-def gather(job: TensorJob, sources: dict[str, TensorSource]) -> dict[str, torch.Tensor]:
+def _input_bytes(job: TensorJob, sources: dict[str, TensorSource]) -> int:
+    return sum(sources[m].meta(n).numel * 4 for m, n in job.reads.items())
+
+
+def buffer_needs(jobs: Sequence[TensorJob], sources: dict[str, TensorSource]) -> Counter[Key]:
+    """How many pooled float32 input buffers of each size the jobs will take."""
+    needs: Counter[Key] = Counter()
+    for job in jobs:
+        if job.floating:
+            for m, n in job.reads.items():
+                needs[(sources[m].meta(n).numel, F32)] += 1
+    return needs
+
+
+def gather(
+    job: TensorJob, sources: dict[str, TensorSource], pool: BufferPool
+) -> dict[str, torch.Tensor]:
     """Every input of one job, as float32 (non-float buffers keep their dtype)."""
     out = {}
     for model, name in job.reads.items():
-        raw = sources[model].get(name)
-        if job.floating:
-            raw = raw.float()
-            _finite(name, model, raw)
-        out[model] = raw
+        src = sources[model]
+        if not job.floating:
+            out[model] = src.get(name)
+            continue
+        buf = pool.take(src.meta(name).shape, F32)
+        x = src.get(name, buf)
+        if x.dtype != F32:  # a source that ignored `out`
+            buf.copy_(x)
+            x = buf
+        _finite(name, model, x)
+        out[model] = x
     return out
 
 
@@ -48,8 +77,8 @@ def merge_one(
     seed: int,
     remap: VocabRemap | None,
 ) -> torch.Tensor:
-    """Merge one tensor and cast it to its output dtype."""
-    if not job.floating:  # integer/bool buffers are copied from the base (or first) model
+    """Merge one tensor (float32 result; non-float buffers come from the base or first model)."""
+    if not job.floating:
         return tensors[job.base if job.base in tensors else next(iter(tensors))]
     if job.vocab and remap is not None:
         tensors = remap.remap(tensors, job.base)
@@ -71,7 +100,53 @@ def merge_one(
         ) from None  # fmt: skip
     if tuple(result.shape) != job.out.shape:
         raise AssertionError(f"{method.name} returned {tuple(result.shape)} for {job.name}")
-    return result.to(job.out.dtype)
+    return result
+
+
+def _recycle(pool: BufferPool, tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+    """Give inputs back to the pool, except one the result shares storage with."""
+    kept = keep.untyped_storage().data_ptr()
+    for t in tensors.values():
+        if t.dtype == F32 and t.untyped_storage().data_ptr() != kept:
+            pool.give(t)
+
+
+def execution_order(jobs: Sequence[TensorJob]) -> list[int]:
+    """Largest output first (vocabulary tensors back to back), plan order among equals."""
+    return sorted(range(len(jobs)), key=lambda i: -jobs[i].out.numel)
+
+
+class _Run:
+    def __init__(self, jobs: list[TensorJob], method: MergeMethod, sources: dict[str, TensorSource],
+                 writer: ShardedWriter, seed: int, remap: VocabRemap | None) -> None:  # fmt: skip
+        self.jobs, self.method, self.sources, self.writer = jobs, method, sources, writer
+        self.seed, self.remap = seed, remap
+        self.pool = BufferPool(buffer_needs(jobs, sources))
+        self.sizes = [_input_bytes(j, sources) for j in jobs]
+        self.largest = max(self.sizes, default=0)
+
+    def write(self, job: TensorJob, result: torch.Tensor) -> None:
+        self.writer.write(job.name, result)  # the writer casts to the output dtype in chunks
+
+    def loop(self, reader: ThreadPoolExecutor, out: ThreadPoolExecutor, bar: object) -> None:
+        pending: Future[None] | None = None
+        nxt: Future[dict[str, torch.Tensor]] | None = None
+        for i, job in enumerate(self.jobs):
+            tensors = nxt.result() if nxt is not None else gather(job, self.sources, self.pool)
+            nxt = None
+            if i + 1 < len(self.jobs) and self.sizes[i] + self.sizes[i + 1] <= self.largest:
+                nxt = reader.submit(gather, self.jobs[i + 1], self.sources, self.pool)
+            result = merge_one(job, tensors, self.method, self.seed, self.remap)
+            if job.floating:
+                _recycle(self.pool, tensors, result)
+            del tensors
+            if pending is not None:
+                pending.result()
+            pending = out.submit(self.write, job, result)
+            del result
+            bar.update(1)  # type: ignore[attr-defined]
+        if pending is not None:
+            pending.result()
 
 
 def execute(
@@ -84,32 +159,17 @@ def execute(
     progress: bool = True,
     order: Sequence[int] | None = None,
 ) -> None:
-    """Run every job (in `order`, default plan order) and write each result to its slot."""
+    """Run every job (in `order`, default `execution_order`) and write each result to its slot."""
     from tqdm import tqdm
 
-    seq = [jobs[i] for i in (order if order is not None else range(len(jobs)))]
+    seq = [jobs[i] for i in (order if order is not None else execution_order(jobs))]
+    run = _Run(seq, method, sources, writer, seed, remap)
     bar = tqdm(
         total=len(seq), unit="tensor", desc="merge", file=sys.stderr,
         disable=not (progress and sys.stderr.isatty()), leave=False,
     )  # fmt: skip
     with ThreadPoolExecutor(1, "unode-read") as reader, ThreadPoolExecutor(1, "unode-write") as out:
-        pending: Future[None] | None = None
-        nxt = reader.submit(gather, seq[0], sources) if seq else None
         try:
-            for i, job in enumerate(seq):
-                assert nxt is not None
-                tensors = nxt.result()
-                nxt = reader.submit(gather, seq[i + 1], sources) if i + 1 < len(seq) else None
-                result = merge_one(job, tensors, method, seed, remap)
-                del tensors
-                if pending is not None:
-                    pending.result()
-                pending = out.submit(writer.write, job.name, result)
-                del result
-                bar.update(1)
-            if pending is not None:
-                pending.result()
+            run.loop(reader, out, bar)
         finally:
-            if nxt is not None:
-                nxt.cancel()
             bar.close()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ CONVERT_HINT = (
     "trust: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
 )
 MAX_HEADER = 100 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024  # conversion chunk: small enough to stay in cache-friendly sizes
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ class TensorSource(Protocol):
 
     def meta(self, name: str) -> TensorMeta: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor; a source may read into `out` (same shape and dtype) to avoid allocating."""
+        ...
 
     def digest(self) -> str: ...
 
@@ -137,6 +141,15 @@ def bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(arr)
 
 
+def _pread_exact(fd: int, view: memoryview, start: int, field: str, path: Path) -> None:
+    got = 0
+    while got < len(view):  # one read returns at most ~2 GiB
+        n = os.preadv(fd, [view[got:]], start + got)
+        if n <= 0:
+            raise UserError(field, str(path), "re-save the checkpoint", problem="short read")
+        got += n
+
+
 def refuse_pickles(model_dir: Path, field: str) -> None:
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -190,6 +203,7 @@ class LocalSafetensorsSource:
             self._entries.update(read_header(f, field))
         self._fds: dict[Path, int] = {}
         self._hashes: dict[str, str] = {}
+        self._local = threading.local()  # per-thread conversion scratch
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -197,20 +211,45 @@ class LocalSafetensorsSource:
     def meta(self, name: str) -> TensorMeta:
         return self._entries[name].meta
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor's bytes (one copy out of the page cache) and record their hash."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (one copy out of the page cache) and record the hash of its bytes.
+
+        `out` may be float32 for a bf16/fp16 tensor: it is converted in small chunks, so no
+        full-size copy in the stored dtype is ever made.
+        """
         e = self._entries[name]
         fd = self._fds.get(e.path)
         if fd is None:
             fd = self._fds[e.path] = os.open(e.path, os.O_RDONLY)
-        out = torch.empty(e.meta.shape, dtype=e.meta.dtype)
-        view = bytes_view(out) if out.numel() else None
-        got = os.preadv(fd, [view], e.start) if view is not None else 0
-        if got != e.end - e.start:
-            raise UserError(self.field, str(e.path), "re-save the checkpoint", problem="short read")
-        if view is not None:
-            self._hashes[name] = hashlib.sha256(view).hexdigest()
+        if out is None:
+            out = torch.empty(e.meta.shape, dtype=e.meta.dtype)
+        assert tuple(out.shape) == e.meta.shape and out.is_contiguous()
+        h = hashlib.sha256()
+        if out.dtype == e.meta.dtype:
+            view = bytes_view(out) if out.numel() else memoryview(b"")
+            _pread_exact(fd, view, e.start, self.field, e.path)
+            h.update(view)
+        else:
+            assert out.dtype == torch.float32 and e.meta.dtype.is_floating_point, name
+            flat, step = out.reshape(-1), CHUNK_BYTES // out.element_size()
+            scratch = self._scratch(e.meta.dtype, step)
+            itemsize = scratch.element_size()
+            for lo in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - lo)
+                view = bytes_view(scratch[:n])
+                _pread_exact(fd, view, e.start + lo * itemsize, self.field, e.path)
+                h.update(view)
+                flat[lo : lo + n].copy_(scratch[:n])
+        self._hashes[name] = h.hexdigest()
         return out
+
+    def _scratch(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        key = f"scratch_{dtype}"
+        buf = getattr(self._local, key, None)
+        if buf is None:
+            buf = torch.empty(numel, dtype=dtype)
+            setattr(self._local, key, buf)
+        return buf
 
     def digest(self) -> str:
         h = hashlib.sha256()

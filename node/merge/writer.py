@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from node.merge.io import DTYPE_NAMES, TensorMeta, bytes_view
+from node.merge.io import CHUNK_BYTES, DTYPE_NAMES, TensorMeta, bytes_view
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -25,6 +25,13 @@ class _Slot:
     shard: int
     start: int  # absolute offset in the shard file
     nbytes: int
+    dtype: torch.dtype
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -72,9 +79,9 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keeps every tensor 8-byte aligned
         base = 8 + len(raw)
-        for name, _meta in group:
+        for name, meta in group:
             lo, hi = header[name]["data_offsets"]  # type: ignore[index]
-            self.slots[name] = _Slot(i, base + lo, hi - lo)
+            self.slots[name] = _Slot(i, base + lo, hi - lo, meta.dtype)
         fd = os.open(self.out_dir / self.files[i], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
         os.ftruncate(fd, base + offset)
@@ -82,18 +89,27 @@ class ShardedWriter:
         return fd
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one finished tensor (already in its output dtype) at its slot."""
+        """Write one finished tensor at its slot, cast to the slot's dtype in small chunks."""
         slot = self.slots[name]
         flat = tensor.detach().contiguous().reshape(-1)
-        assert flat.numel() * flat.element_size() == slot.nbytes, name
-        if slot.nbytes == 0:
-            self._hashes[name] = hashlib.sha256(b"").hexdigest()
-            return
-        view = bytes_view(flat)
-        written = 0
-        while written < slot.nbytes:
-            written += os.pwrite(self._fds[slot.shard], view[written:], slot.start + written)
-        self._hashes[name] = hashlib.sha256(view).hexdigest()
+        assert flat.numel() * _itemsize(slot.dtype) == slot.nbytes, name
+        h = hashlib.sha256()
+        fd, offset = self._fds[slot.shard], slot.start
+        if flat.dtype == slot.dtype:
+            view = bytes_view(flat) if slot.nbytes else memoryview(b"")
+            _pwrite_all(fd, view, offset)
+            h.update(view)
+        else:
+            step = CHUNK_BYTES // flat.element_size()
+            scratch = torch.empty(min(step, flat.numel()), dtype=slot.dtype)
+            for lo in range(0, flat.numel(), step):
+                part = scratch[: min(step, flat.numel() - lo)]
+                part.copy_(flat[lo : lo + part.numel()])
+                view = bytes_view(part)
+                _pwrite_all(fd, view, offset)
+                h.update(view)
+                offset += len(view)
+        self._hashes[name] = h.hexdigest()
 
     def finish(self) -> dict[str, str]:
         """Close the shards, write the index; return {tensor name: sha256 of its bytes}."""
