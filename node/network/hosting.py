@@ -8,6 +8,7 @@ readers trust a card only while its owner's PeerRecord lists the expert.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -92,6 +93,7 @@ class Hosting:
     ttl: float
     experts: list[tuple[LocalExpert, HostedExpert]]
     _last_peer_exp: float = field(default=0.0)
+    lineage: dict[bytes, bytes] = field(default_factory=dict)  # expert id -> round id (rounds)
 
     def validators(self) -> list[Any]:
         return list(unode_validators(self.network))
@@ -112,6 +114,8 @@ class Hosting:
         for expert, hosted in self.experts:
             card = build_card(expert, [hosted.domain], identity.public_key)
             eid = expert.expert_id
+            if eid in self.lineage:  # an expert made by a round names it
+                card = dataclasses.replace(card, lineage=self.lineage[eid])
             out.append(
                 sign_record(identity, dht_key(self.network, "expert", eid), card, expiration=exp)
             )
