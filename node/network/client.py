@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,17 @@ from protocol.errors import HashMismatchError, ProtocolError, StreamError
 from protocol.stream import CHUNK, CHUNK_OVERHEAD, StreamHeader
 
 STALL_TIMEOUT = 20.0  # seconds without progress before a provider counts as dead
+PIPELINE = 3  # chunks per stream being hashed/written while the next one is read
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _writers() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="unode-verify")
+    return _POOL
+
+
 _CHUNK_PREFIX = struct.Struct(">BI")
 
 
@@ -134,9 +147,28 @@ class BlobStream:
             check_header(header, digest, meta, nbytes, start)
             if on_header is not None:
                 on_header(header)
-            for index in range(start, len(header.chunks)):
-                frame = await asyncio.wait_for(wire.read_stream_frame(self._reader), STALL_TIMEOUT)
-                on_chunk(index + 1, write_chunk(header, frame, index, target))
+            # hash + write run in a thread while the next chunk is read (both release the GIL);
+            # at most PIPELINE chunks per stream are in memory
+            loop = asyncio.get_running_loop()
+            pending: deque[tuple[int, asyncio.Future[int]]] = deque()
+            try:
+                for index in range(start, len(header.chunks)):
+                    frame = await asyncio.wait_for(
+                        wire.read_stream_frame(self._reader), STALL_TIMEOUT
+                    )
+                    job = loop.run_in_executor(
+                        _writers(), write_chunk, header, frame, index, target
+                    )
+                    pending.append((index, job))
+                    if len(pending) >= PIPELINE:
+                        done, job = pending.popleft()
+                        on_chunk(done + 1, await job)
+                while pending:
+                    done, job = pending.popleft()
+                    on_chunk(done + 1, await job)
+            finally:
+                for _, job in pending:  # a failed chunk: let the others finish, then report
+                    await asyncio.wait([job])
 
     def _guard(self) -> _Guard:
         return _Guard(self.peer_id)

@@ -6,7 +6,6 @@ their work and leave; each returns plain data for the CLI to print.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from node.network import discovery
 from node.network.config import NetworkConfig
 from node.network.fetch import FetchReport, Progress, check_out_dir, fetch_expert
 from node.network.process import descendant_pids, kill_all
-from node.network.session import Session
+from node.network.session import Session, run_async
 from protocol.validators import unode_validators
 
 T = TypeVar("T")
@@ -38,7 +37,7 @@ def with_session(net: NetworkConfig, work: Callable[[Session], Awaitable[T]]) ->
     session = Session(net, persistent=False, validators=unode_validators(net.network))
     session.start()
     try:
-        return asyncio.run(_run_closing(session, work))
+        return run_async(_run_closing(session, work))
     finally:
         session.stop()
         kill_all(descendant_pids(os.getpid()), wait=2.0)  # hivemind's torch_shm_manager

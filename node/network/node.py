@@ -15,7 +15,7 @@ from types import FrameType
 from node.network.config import JoinConfig
 from node.network.process import descendant_pids, kill_all
 from node.network.service import BlobServer
-from node.network.session import Session
+from node.network.session import Session, run_async
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "UNODE_READY"  # one machine-readable line once the node serves and is announced
@@ -40,7 +40,7 @@ def run_join(cfg: JoinConfig, say: Callable[[str], None] | None = None) -> int:
         hosting = prepare_hosting(cfg, out)
         session = Session(cfg.net, persistent=True, validators=hosting.validators())
         session.start()
-        asyncio.run(_serve(cfg, session, hosting, out))
+        run_async(_serve(cfg, session, hosting, out))
     except StopRequested as err:
         out(f"unode: {err} received during start-up, stopping")
     finally:
@@ -70,12 +70,17 @@ async def _serve(
     await server.start(p2p)
     _print_address(cfg, session, out)
     await hosting.announce(session)
+    from node.rounds.participant import start_rounds  # cooperative rounds (UNODE_ROUNDS=off)
+
+    rounds = start_rounds(cfg, session, server, hosting, out)
     out(f"{READY_PREFIX} peer={session.peer_id} maddr={session.visible_maddrs()[0]}")
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=hosting.refresh_interval())
         except TimeoutError:
             await hosting.announce(session)
+    if rounds is not None:
+        rounds.cancel()
     out("unode: stopping: withdrawing announcements")
     await hosting.withdraw(session)
     await session.close_p2p()

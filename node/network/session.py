@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P
@@ -22,6 +23,17 @@ from protocol.errors import IdentityError
 from protocol.identity import KEY_FILE_NAME, Identity, load_or_create_identity
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop (hivemind's dependency): its stream I/O is markedly cheaper."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - hivemind depends on uvloop
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 class Session:

@@ -25,6 +25,10 @@ class WireError(Exception):
     """A peer sent a malformed frame (bad length, bad msgpack, wrong field types)."""
 
 
+class StreamEnded(EOFError):
+    """The stream closed before the reply was complete (the peer went away or gave up)."""
+
+
 @dataclass(frozen=True)
 class BlobRequest:
     """Ask for a record (by record hash) or an object's chunks from `start` (by object hash)."""
@@ -53,7 +57,7 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     except asyncio.IncompleteReadError as err:
         if not err.partial:
             return None
-        raise WireError("stream ended inside a frame length") from err
+        raise StreamEnded("stream ended inside a frame length") from err
     size = int.from_bytes(head, "big")
     if size > limit:
         raise WireError(f"frame of {size} bytes exceeds {limit}")
@@ -76,7 +80,7 @@ async def read_map(reader: asyncio.StreamReader) -> dict[str, object] | None:
 async def read_stream_frame(reader: asyncio.StreamReader) -> bytes:
     frame = await read_frame(reader, MAX_FRAME_BYTES)
     if frame is None:
-        raise WireError("stream ended before the object did")
+        raise StreamEnded("stream ended before the object did")
     return frame
 
 
