@@ -131,6 +131,18 @@ def test_dataset_diagnostics_and_response_mask(env: Any, bpe_tokenizer: Any) -> 
     assert len(onehot) and (cand.ids[onehot, 0] == ex.ids[onehot + 1]).all()
 
 
+def test_dp_alignment_and_stats_mapping_give_a_close_dataset(env: Any, bpe_tokenizer: Any) -> None:
+    kw: dict[str, Any] = dict(cache_dir=env.cache_dir, progress=False)
+    _, by_spans = build_dataset(bpe_tokenizer, env.corpus, env.summaries, 96, **kw)
+    data, by_dp = build_dataset(
+        bpe_tokenizer, env.corpus, env.summaries, 96, vocab_method="stats", alignment="dp", **kw
+    )
+    a, b = by_spans[0].diagnostics, by_dp[0].diagnostics
+    assert abs(a["share_one_to_one"] - b["share_one_to_one"]) < 0.1
+    assert by_dp[1].diagnostics["share_one_to_one"] == 1.0  # identical tokenizer: identity
+    assert all(np.allclose(c.probs.sum(1), 1.0, atol=1e-5) for ex in data for c in ex.cands)
+
+
 def test_training_lowers_the_fusion_loss_and_output_loads(env: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,7 +153,7 @@ def test_training_lowers_the_fusion_loss_and_output_loads(env: Any, tmp_path: Pa
     assert [s["path"] for s in lineage["sources"]] == [str(p) for p in env.summaries]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model: Any = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     gen = model.generate(
         tok("What is", return_tensors="pt").input_ids, max_new_tokens=5, do_sample=False

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from node.errors import UserError
 from node.fusion.align import ONE_TO_ONE, Alignment
-from node.fusion.corpus import corpus_sha256, load_corpus
+from node.fusion.corpus import Example, corpus_sha256, load_corpus
 from node.fusion.summary_store import SummaryReader
 from node.fusion.targets import Candidate, Diagnostics, align, build_candidate
 from node.fusion.tokens import Encoded, encode, tokenizer_sha256, vocab_texts
@@ -68,6 +68,8 @@ def _vocab_map(
     base = _widen(base, n_src)
     if method != "stats":
         return base
+    if not (reader.has_offsets and all(e.has_offsets for e in encs)):
+        raise UserError("--vocab-map", "stats", "use mined: stats needs tokenizers with offsets")
     pairs = [
         start_pairs(s.ids, s.spans, e.ids, e.spans)
         for s, e in ((reader.sequence(i), encs[i]) for i in range(len(encs)))
@@ -91,6 +93,17 @@ def _identity_alignment(n_rows: int) -> Alignment:
     return Alignment(np.arange(n_rows, dtype=np.int64), np.full(n_rows, ONE_TO_ONE, np.int8))
 
 
+def response_mask(tok: Any, enc: Encoded, ex: Example, response_only: bool) -> np.ndarray:
+    """(n - 1,) bool: rows whose predicted token belongs to the response (all rows if not
+    `response_only`). Without offsets the prompt's length is counted by tokenizing it alone."""
+    if not response_only:
+        return np.ones(len(enc.ids) - 1, bool)
+    if enc.has_offsets:
+        return np.asarray(enc.spans[1:, 0] >= ex.response_start)
+    n_prompt = len(encode(tok, ex.text[: ex.response_start], len(enc.ids)).ids) - 1  # minus EOS
+    return np.arange(1, len(enc.ids)) >= n_prompt
+
+
 def build_dataset(
     tgt_tok: Any,
     corpus: Path,
@@ -100,30 +113,36 @@ def build_dataset(
     vocab_method: str = "mined",
     cache_dir: Path | None = None,
     progress: bool = True,
+    alignment: str = "auto",
 ) -> tuple[list[FusionExample], list[SourceReport]]:
-    """Everything the training loop needs, aligned once up front."""
+    """Everything the training loop needs, aligned once up front.
+
+    `alignment`: "auto" aligns by character offsets where both tokenizers give them and by
+    FuseLLM's DP otherwise; "dp" forces the DP.
+    """
     examples = load_corpus(corpus)
     encs = [encode(tgt_tok, ex.text, max_len) for ex in examples]
     readers = open_summaries(summaries, corpus, len(examples))
     tgt_hash, tgt_texts = tokenizer_sha256(tgt_tok), vocab_texts(tgt_tok)
-    masks = [
-        (e.spans[1:, 0] >= ex.response_start) if response_only else np.ones(len(e.ids) - 1, bool)
+    tgt_offsets = all(e.has_offsets for e in encs)
+    data = [
+        FusionExample(e.ids, response_mask(tgt_tok, e, ex, response_only), [])
         for e, ex in zip(encs, examples, strict=True)
     ]
-    data = [FusionExample(e.ids, m, []) for e, m in zip(encs, masks, strict=True)]
     reports = []
     for reader in readers:
         vmap = _vocab_map(reader, tgt_tok, encs, vocab_method, cache_dir)
         same_tok = reader.manifest["tokenizer_sha256"] == tgt_hash
-        src_texts = None if same_tok else vocab_texts(reader.tokenizer())
+        src_texts = tgt_texts if same_tok else vocab_texts(reader.tokenizer())
+        use_spans = alignment != "dp" and tgt_offsets and reader.has_offsets
         diag = Diagnostics()
         for i in tqdm(range(len(encs)), desc=f"align {reader.path.name}", disable=not progress):
             src = reader.sequence(i)
             if same_tok and np.array_equal(src.ids, encs[i].ids):
-                alignment = _identity_alignment(len(encs[i].ids) - 1)
+                rows = _identity_alignment(len(encs[i].ids) - 1)
             else:
-                alignment = align(src, encs[i], src_texts, tgt_texts)
-            cand, d = build_candidate(src, encs[i], vmap, alignment)
+                rows = align(src, encs[i], src_texts, tgt_texts, use_spans)
+            cand, d = build_candidate(src, encs[i], vmap, rows)
             data[i].cands.append(cand)
             diag.add(d)
         reports.append(_report(reader, vmap, diag))

@@ -188,7 +188,8 @@ def summarize(
         else:
             bar.update(len(chunk))
     bar.close()
-    return _finish(out_dir, model_dir, tok, head, shards, len(encs), vocab)
+    has_offsets = all(e.has_offsets for e in encs)
+    return _finish(out_dir, model_dir, tok, head, shards, len(encs), vocab, has_offsets)
 
 
 def _finish(
@@ -199,6 +200,7 @@ def _finish(
     shards: dict[str, str],
     n_seqs: int,
     vocab: int,
+    has_offsets: bool,
 ) -> Path:
     tok_dir = out_dir / "tokenizer"
     if tok_dir.exists():
@@ -210,6 +212,7 @@ def _finish(
         "vocab_size": vocab,
         "n_seqs": n_seqs,
         "values": "log_softmax(logits / temperature), full-vocabulary normalisation",
+        "has_offsets": has_offsets,
         "shards": [{"file": k, "sha256": v} for k, v in sorted(shards.items())],
     }
     path = out_dir / "manifest.json"

@@ -116,6 +116,10 @@ class SummaryReader:
             raise UserError("--summaries", str(path), "re-run `unode summarize`", "incomplete")
 
     @property
+    def has_offsets(self) -> bool:
+        return bool(self.manifest.get("has_offsets", True))
+
+    @property
     def n_seqs(self) -> int:
         return len(self._rows)
 

@@ -54,12 +54,11 @@ class Diagnostics:
 
 
 def align(
-    src: SeqSummary, tgt: Encoded, src_texts: list[str] | None, tgt_texts: list[str] | None
+    src: SeqSummary, tgt: Encoded, src_texts: list[str], tgt_texts: list[str], use_spans: bool
 ) -> Alignment:
-    """Span alignment when both sides have spans; the DP over token texts otherwise."""
-    if len(src.spans) == len(src.ids) and len(tgt.spans) == len(tgt.ids):
+    """Span alignment when both sides have spans; FuseLLM's DP over token texts otherwise."""
+    if use_spans:
         return align_spans(src.spans, tgt.spans)
-    assert src_texts is not None and tgt_texts is not None
     return align_dp([src_texts[i] for i in src.ids], [tgt_texts[i] for i in tgt.ids])
 
 

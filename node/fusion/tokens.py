@@ -22,10 +22,12 @@ class Encoded:
 
     BOS (when the tokenizer has one) is token 0 with span (0, 0); EOS, when the text was not
     truncated, is the last token with span (L, L). Row i of a summary predicts token i + 1.
+    A tokenizer without offsets (a slow one) gives all-zero spans and `has_offsets` False.
     """
 
     ids: np.ndarray
     spans: np.ndarray
+    has_offsets: bool = True
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:
@@ -41,16 +43,22 @@ def tokenizer_sha256(tokenizer: Any) -> str:
 
 def encode(tokenizer: Any, text: str, max_len: int) -> Encoded:
     """Tokenize `text` without the tokenizer's own specials, then add BOS/EOS with explicit spans."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    spans = [tuple(o) for o in enc["offset_mapping"]]
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, has_offsets = list(enc["input_ids"]), True
+        spans = [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError):  # slow tokenizers have no offsets
+        ids, has_offsets = list(tokenizer(text, add_special_tokens=False)["input_ids"]), False
+        spans = [(0, 0)] * len(ids)
     if tokenizer.bos_token_id is not None:
         ids, spans = [tokenizer.bos_token_id, *ids], [(0, 0), *spans]
     if tokenizer.eos_token_id is not None:
         ids, spans = [*ids, tokenizer.eos_token_id], [*spans, (len(text), len(text))]
     ids, spans = ids[:max_len], spans[:max_len]
     return Encoded(
-        np.asarray(ids, dtype=np.int64), np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        np.asarray(ids, dtype=np.int64),
+        np.asarray(spans, dtype=np.int64).reshape(-1, 2) * has_offsets,
+        has_offsets,
     )
 
 

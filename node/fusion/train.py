@@ -51,6 +51,8 @@ class FuseConfig:
     seed: int = 0
     save_every: int = 50
     vocab_map: str = "mined"  # exact | mined | stats
+    alignment: str = "auto"  # auto (offsets where available, else DP) | dp
+    eval_seqs: int = 64  # sequences scored before and after training (0: none)
     cache_dir: Path | None = None
     progress: bool = True
     extra_lineage: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +70,8 @@ def validate(cfg: FuseConfig) -> None:
         raise UserError("--lam", cfg.lam, "use a value between 0 and 1")
     if cfg.vocab_map not in ("exact", "mined", "stats"):
         raise UserError("--vocab-map", cfg.vocab_map, "use exact, mined or stats")
+    if cfg.alignment not in ("auto", "dp"):
+        raise UserError("--alignment", cfg.alignment, "use auto or dp")
     for name, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
         if value < 1:
             raise UserError(name, value, "use a value of at least 1")
@@ -114,10 +118,11 @@ def losses(
 def evaluate(
     model: Any, data: list[FusionExample], cfg: FuseConfig, pad_id: int
 ) -> dict[str, float]:
-    """Mean CLM and fusion losses over the whole training set (weighted by batch positions)."""
+    """Mean CLM and fusion losses over the first `cfg.eval_seqs` training sequences."""
     was_training = model.training
     model.eval()
     tot = {"clm": 0.0, "fusion": 0.0, "positions": 0.0}
+    data = data[: cfg.eval_seqs]
     for start in range(0, len(data), cfg.batch_size):
         batch = collate(data[start : start + cfg.batch_size], pad_id)
         clm, fus = losses(model, batch, cfg.fusion, cfg.bf16)
@@ -177,6 +182,7 @@ def fuse(cfg: FuseConfig) -> Path | None:
         cfg.vocab_map,
         cfg.cache_dir,
         cfg.progress,
+        cfg.alignment,
     )
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     total = cfg.max_steps or cfg.epochs * math.ceil(
@@ -184,17 +190,35 @@ def fuse(cfg: FuseConfig) -> Path | None:
     )
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt, log_path = work / "checkpoint", work / "train_log.jsonl"
+    ckpt = work / "checkpoint"
     if cfg.resume and ckpt.exists():
         state = load_checkpoint(ckpt, model, opt)
-        _truncate_log(log_path, state["step"])
+        _truncate_log(work / "train_log.jsonl", state["step"])
     else:
         work.mkdir(parents=True, exist_ok=True)
         state = {"step": 0, "eval_before": evaluate(model, data, cfg, pad_id)}
-    model.train()
-    t0, stop = time.perf_counter(), min(total, state["step"] + (cfg.stop_after or total))
+    _run_steps(model, opt, data, cfg, pad_id, total, state, work)
+    if state["step"] < total:
+        return None
+    state["eval_after"] = evaluate(model, data, cfg, pad_id)
+    return _write_output(cfg, model, tok, reports, state, work)
+
+
+def _run_steps(
+    model: Any,
+    opt: Any,
+    data: list[FusionExample],
+    cfg: FuseConfig,
+    pad_id: int,
+    total: int,
+    state: dict[str, Any],
+    work: Path,
+) -> None:
+    """Optimizer steps until `total` (or `stop_after` more), logging each, checkpointing."""
     from tqdm import tqdm
 
+    model.train()
+    t0, stop = time.perf_counter(), min(total, state["step"] + (cfg.stop_after or total))
     bar = tqdm(
         total=total, initial=state["step"], desc="fuse", unit="step", disable=not cfg.progress
     )
@@ -202,17 +226,13 @@ def fuse(cfg: FuseConfig) -> Path | None:
         row = _train_step(model, opt, data, state["step"], cfg, pad_id, total)
         state["step"] = row["step"]
         row["elapsed_s"] = time.perf_counter() - t0
-        with open(log_path, "a") as f:
+        with open(work / "train_log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", fusion=f"{row['fusion']:.3f}")
         if state["step"] % cfg.save_every == 0 or state["step"] == stop:
-            save_checkpoint(ckpt, model, opt, state)
+            save_checkpoint(work / "checkpoint", model, opt, state)
     bar.close()
-    if state["step"] < total:
-        return None
-    state["eval_after"] = evaluate(model, data, cfg, pad_id)
-    return _write_output(cfg, model, tok, reports, state, work)
 
 
 def _max_positions(config: Any) -> int:
