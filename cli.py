@@ -247,6 +247,7 @@ def fuse_cmd(
     resume: Annotated[bool, typer.Option(help="Continue from OUT.work's checkpoint.")] = False,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
     vocab_map: Annotated[str, typer.Option(help="exact, mined or stats.")] = "mined",
+    alignment: Annotated[str, typer.Option(help="auto (offsets, else DP) or dp.")] = "auto",
     save_every: int = 50,
     sce_topk: Annotated[float, typer.Option(help="SCE select_topk (with --pairwise).")] = 1.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -265,7 +266,7 @@ def fuse_cmd(
             lam=lam, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             warmup=warmup, max_steps=max_steps, stop_after=stop_after, response_only=response_only,
             resume=resume, bf16=bf16, max_len=max_len, save_every=save_every,
-            vocab_map=vocab_map, progress=not quiet,
+            vocab_map=vocab_map, alignment=alignment, progress=not quiet,
         )  # fmt: skip
         result = fuse_pairwise(cfg, sce_topk) if pairwise else fuse(cfg)
     except UserError as err:
