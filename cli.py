@@ -463,6 +463,91 @@ def experts_cmd(
         )
 
 
+# --- rounds (node/rounds) --------------------------------------------------------------
+
+round_app = typer.Typer(help="Cooperative rounds: sharded merges, layer-wise search.", no_args_is_help=True)
+app.add_typer(round_app, name="round")
+
+
+def _round_check(flag: str, value: float, lo: float, hi: float) -> float:
+    if not lo <= value <= hi:
+        raise UserError(flag, value, f"use a value in [{lo:g}, {hi:g}]")
+    return value
+
+
+@round_app.command("merge")
+def round_merge_cmd(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe whose models are unode://<expert id>.")],
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    units: Annotated[int, typer.Option(help="Work units (0: one per layer).")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the round until the expert is announced.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait (for pickup, or with --wait).")] = 600.0,
+    claim_ttl: Annotated[float, typer.Option(help="Seconds a worker's claim on a unit lives.")] = 60.0,
+    verify_rate: Annotated[float, typer.Option(help="Share of others' units each worker recomputes.")] = 0.25,
+    name: Annotated[str, typer.Option(help="Name of the merged expert.")] = "merged",
+    domain: Annotated[str, typer.Option(help="Domain the merged expert is announced under.")] = "general",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Propose a merge round: nodes running `unode join` compute it unit by unit, verify each
+    other and announce the merged expert (with its lineage)."""
+    import json
+
+    from node.network.config import check_domain
+    from node.rounds.propose import MergeRoundConfig, load_round_recipe, run_merge_round
+
+    _network_logging(verbose)
+    try:
+        cfg = MergeRoundConfig(
+            load_round_recipe(recipe), units=int(_round_check("--units", units, 0, 1 << 20)),
+            claim_ttl=_round_check("--claim-ttl", claim_ttl, 1, 3600),
+            verify_rate=_round_check("--verify-rate", verify_rate, 0, 1),
+            name=name, domain=check_domain(domain),
+        )  # fmt: skip
+        out = run_merge_round(_net_config(network, initial_peers), cfg, wait, timeout, typer.echo)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    elif out.get("expert_id"):
+        typer.echo(f"merged expert: {out['expert_id']}")
+
+
+# --- zoo (node/zoo) --------------------------------------------------------------------
+
+zoo_app = typer.Typer(help="The built-in expert zoo (base, domain experts, heterogeneous experts).", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build_cmd(
+    out: Annotated[Path | None, typer.Option("--out", help="Zoo directory (default: $UNODE_HOME/zoo or ~/.cache/unode/zoo).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete zoo is there.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice in the build.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the zoo manifest as JSON.")] = False,
+) -> None:
+    """Build the zoo offline and deterministically (about 10 minutes on 2 cores)."""
+    import json
+
+    from node.zoo import ZooConfig, build
+
+    try:
+        manifest = build(out, ZooConfig(seed=seed), force=force, progress=not (quiet or as_json))
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    root = Path(manifest["root"])
+    for name, domains in manifest["experts"].items():
+        typer.echo(f"{name:<14} llama  experts in {','.join(domains):<22} {root / name}")
+    for name, arch in manifest["hetero"].items():
+        typer.echo(f"{name:<14} {arch:<6} heterogeneous (own tokenizer)   {root / name}")
+    typer.echo(f"{'base':<14} llama  base of the experts              {root / 'base'}")
+
+
 # --- eval (node/eval) -------------------------------------------------------------------
 
 
