@@ -1,8 +1,8 @@
 """Per-tensor throughput of unode's merge methods vs mergekit 0.1.5's own method functions.
 
 Runs both on the same fp32 tensors in one process, alternating, and prints M params/s and
-the ratio (unode / mergekit time: below 1 is faster). Micro-benchmark of the method
-functions only; bench/merge.py measures whole merges.
+ratios of wall and CPU time (unode / mergekit: below 1 is faster). Micro-benchmark of the
+method functions only; bench/merge.py measures whole merges.
 
     .venv/bin/python bench/merge_methods.py [--rows 4096] [--cols 1024] [--repeat 3]
 """
@@ -84,10 +84,11 @@ def runners(
     )
 
 
-def best_time(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds): CPU time is steadier on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -96,24 +97,30 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     tensors = build_tensors(args.rows, args.cols)
     params = args.rows * args.cols
     print(
         f"{params / 1e6:.1f} M params per tensor, 2 models + base, {torch.get_num_threads()} threads"
     )
-    print(f"{'method':18} {'unode Mp/s':>11} {'mergekit Mp/s':>14} {'time ratio':>11}")
+    print(f"{'method':18} {'unode Mp/s':>10} {'mergekit':>9} {'wall ratio':>10} {'cpu ratio':>9}")
     for method, shared, per_model in RECIPES:
         if args.only and method not in args.only:
             continue
         ours, theirs = runners(method, shared, per_model, tensors)
         ours(), theirs()  # warm-up
-        t_ours, t_theirs = [], []
-        for _ in range(args.repeat):  # alternate, best of N each
-            t_ours.append(best_time(ours))
-            t_theirs.append(best_time(theirs))
-        a, b = min(t_ours), min(t_theirs)
-        print(f"{method:18} {params / a / 1e6:11.1f} {params / b / 1e6:14.1f} {a / b:11.2f}")
+        mine, reference = [], []
+        for _ in range(args.repeat):  # alternate; best of N each
+            mine.append(timed(ours))
+            reference.append(timed(theirs))
+        wall_a, wall_b = min(t[0] for t in mine), min(t[0] for t in reference)
+        cpu_a, cpu_b = min(t[1] for t in mine), min(t[1] for t in reference)
+        print(
+            f"{method:18} {params / wall_a / 1e6:10.1f} {params / wall_b / 1e6:9.1f}"
+            f" {wall_a / wall_b:10.2f} {cpu_a / cpu_b:9.2f}"
+        )
 
 
 if __name__ == "__main__":

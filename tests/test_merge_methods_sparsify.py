@@ -97,7 +97,25 @@ def _skewed(n: int) -> list[torch.Tensor]:
 def test_kth_smallest_is_exact(kind: int) -> None:
     w = _skewed(300_000)[kind].abs()
     for rank in (1, 17, 150_000, 299_000, 300_000):
-        assert float(select.kth_smallest(w, rank)) == float(torch.kthvalue(w, rank).values)
+        found = select.kth_smallest(w, rank)
+        value = torch.kthvalue(w, rank).values
+        assert found.value == float(value)
+        assert found.less == int((w < value).sum()) and found.equal == int((w == value).sum())
+
+
+@pytest.mark.parametrize("kind", range(5), ids=["normal", "heavy", "sorted", "bf16", "zeros"])
+def test_masks_equal_a_stable_sort(kind: int) -> None:
+    w = _skewed(300_000)[kind].abs()
+    ascending = torch.sort(w, stable=True).indices
+    for start, stop in ((0, 1000), (120_000, 297_000), (150_000, 150_001), (299_000, 300_000)):
+        expected = torch.zeros(w.numel(), dtype=torch.bool)
+        expected[ascending[start:stop]] = True
+        assert torch.equal(select.rank_range_mask(w, start, stop), expected)
+    descending = torch.sort(w, descending=True, stable=True).indices
+    for k in (1, 3000, 150_000, 299_999):
+        expected = torch.zeros(w.numel(), dtype=torch.bool)
+        expected[descending[:k]] = True
+        assert torch.equal(select.top_count_mask(w, k), expected)
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2])  # no ties: mergekit's choice is then unique

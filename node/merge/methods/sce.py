@@ -7,6 +7,7 @@ import torch
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
 from node.merge.methods.params import read_params
 from node.merge.methods.select import top_count_mask
+from node.merge.methods.task_vector import sign_consensus_sum
 
 
 def select_by_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -25,13 +26,14 @@ def select_by_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     return top_count_mask(variance.view(-1), k).view_as(variance)
 
 
-def sce_weights(deltas: torch.Tensor) -> torch.Tensor:
-    """(N,) weights: each task vector's mean square over their sum (equal when all ~0)."""
-    weights = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
-    total = torch.sum(weights).item()
+def sce_weights(deltas: torch.Tensor) -> list[float]:
+    """Each task vector's mean square over their sum (equal weights when all are ~0)."""
+    size = deltas[0].numel()
+    energy = torch.stack([torch.dot(d.view(-1), d.view(-1)) / size for d in deltas])
+    total = torch.sum(energy).item()
     if abs(total) < 1e-6:
-        return torch.ones_like(weights) / weights.shape[0]
-    return weights / total
+        return [1.0 / len(deltas)] * len(deltas)
+    return (energy / total).tolist()
 
 
 class SceMerge:
@@ -53,12 +55,10 @@ class SceMerge:
         if not keys:
             return base
         select_topk = read_params(self.global_params, inputs)["select_topk"]
-        deltas = torch.stack([inputs.tensors[key] - base for key in keys])  # (N, *shape)
+        deltas = torch.empty((len(keys), *base.shape))
+        for index, key in enumerate(keys):
+            torch.sub(inputs.tensors[key], base, out=deltas[index])
         if select_topk < 1:
             deltas.mul_(select_by_variance(deltas, select_topk))
-        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
-        agree = deltas.sign() == elected  # (N, *shape)
-        weights = sce_weights(deltas).view(-1, *([1] * base.dim()))
-        kept = weights * agree
-        merged = (deltas * kept).sum(dim=0)
-        return merged.div_(kept.sum(dim=0).clamp(min=1e-6)).add_(base)
+        merged, kept = sign_consensus_sum(deltas, sce_weights(deltas), weighted=False)
+        return merged.div_(kept.clamp_(min=1e-6)).add_(base)

@@ -9,6 +9,7 @@ a stable sort gives); `row_order` sorts every row at once on one int64 key.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -16,11 +17,30 @@ SMALL = 1 << 16  # below this many elements, plain kthvalue is fastest
 SAMPLE = 1 << 16  # strided sample size used to bracket a rank
 
 
-def kth_smallest(w: torch.Tensor, rank: int) -> torch.Tensor:
-    """The value at 1-based `rank` of flat `w` sorted ascending (as torch.kthvalue)."""
+@dataclass(frozen=True)
+class OrderStat:
+    """The value at some rank of a flat tensor, and how many elements are below / equal to it."""
+
+    value: float
+    less: int
+    equal: int
+
+
+def kth_smallest(w: torch.Tensor, rank: int) -> OrderStat:
+    """The value at 1-based `rank` of flat `w` sorted ascending (as torch.kthvalue), with counts."""
     n = w.numel()
-    if n <= SMALL:
-        return torch.kthvalue(w, rank).values
+    if n > SMALL:
+        found = _bracketed(w, rank)
+        if found is not None:
+            return found
+    value = torch.kthvalue(w, rank).values
+    less, equal = torch.count_nonzero(w < value), torch.count_nonzero(w == value)
+    return OrderStat(float(value), int(less), int(equal))
+
+
+def _bracketed(w: torch.Tensor, rank: int) -> OrderStat | None:
+    """kth_smallest by selecting inside quantiles of a strided sample; None if they miss."""
+    n = w.numel()
     sample = w[:: n // SAMPLE]
     m = sample.numel()
     centre = rank / n * m
@@ -28,28 +48,27 @@ def kth_smallest(w: torch.Tensor, rank: int) -> torch.Tensor:
     lo_index, hi_index = int(centre - margin), math.ceil(centre + margin)
     lo = torch.kthvalue(sample, lo_index + 1).values if lo_index > 0 else None
     hi = torch.kthvalue(sample, hi_index + 1).values if hi_index < m else None
-    inside = w
-    below = 0
-    if lo is not None:
-        below = int(torch.count_nonzero(w < lo))
-        inside = w[w >= lo] if hi is None else w[(w >= lo) & (w <= hi)]
-    elif hi is not None:
-        inside = w[w <= hi]
-    if not below < rank <= below + inside.numel():  # the bracket missed (a skewed sample)
-        return torch.kthvalue(w, rank).values
-    return torch.kthvalue(inside, rank - below).values
+    below = 0 if lo is None else int(torch.count_nonzero(w < lo))
+    if lo is None:
+        inside = w if hi is None else _select(w, w <= hi)
+    else:
+        inside = _select(w, w >= lo) if hi is None else _select(w, (w >= lo) & (w <= hi))
+    if not below < rank <= below + inside.numel():  # a skewed sample: the bracket missed
+        return None
+    value = torch.kthvalue(inside, rank - below).values  # every element equal to it is inside
+    less = below + int(torch.count_nonzero(inside < value))
+    return OrderStat(float(value), less, int(torch.count_nonzero(inside == value)))
 
 
-def _add_ties(mask: torch.Tensor, w: torch.Tensor, value: float, start: int, stop: int) -> None:
-    """Set in `mask` the elements equal to `value` whose stable ascending rank is in [start, stop)."""
-    tied = w == value
-    count = int(torch.count_nonzero(tied))
-    first = int(torch.count_nonzero(w < value))  # rank of the first tied element
-    if start <= first and first + count <= stop:  # every tied element is in range
-        mask |= tied
-    elif count:
-        rank = tied.cumsum(0, dtype=torch.int64).add_(first - 1)
-        mask |= tied & (rank >= start) & (rank < stop)
+def _select(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w[mask], about twice as fast as boolean indexing for a sparse mask."""
+    return w.index_select(0, mask.nonzero().squeeze(1))
+
+
+def _ties_in_range(w: torch.Tensor, cut: OrderStat, start: int, stop: int) -> torch.Tensor:
+    """Flat indices of the elements equal to `cut.value` with stable rank in [start, stop)."""
+    tied = (w == cut.value).nonzero().squeeze(1)  # in index order: ranks less, less + 1, ...
+    return tied[max(0, start - cut.less) : max(0, stop - cut.less)]
 
 
 def rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -57,13 +76,21 @@ def rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     n = w.numel()
     if stop <= start:
         return torch.zeros(n, dtype=torch.bool)
-    if start == 0 and stop >= n:
+    if start <= 0 and stop >= n:
         return torch.ones(n, dtype=torch.bool)
-    lo = float(kth_smallest(w, start + 1)) if start > 0 else -math.inf
-    hi = float(kth_smallest(w, stop)) if stop < n else math.inf
-    mask = (w > lo) & (w < hi)
-    for value in {lo, hi} - {-math.inf, math.inf}:
-        _add_ties(mask, w, value, start, stop)
+    lo = kth_smallest(w, start + 1) if start > 0 else None  # value at rank start
+    hi = kth_smallest(w, stop) if stop < n else None  # value at rank stop - 1
+    # Common case: every element tied with a cut value is on the kept side of it.
+    lo_whole = lo is None or (lo.less >= start and (hi is None or lo.value < hi.value))
+    hi_whole = hi is None or (hi.less + hi.equal <= stop and (lo is None or lo.value < hi.value))
+    mask = torch.ones(n, dtype=torch.bool)
+    if lo is not None:
+        mask &= (w >= lo.value) if lo_whole else (w > lo.value)
+    if hi is not None:
+        mask &= (w <= hi.value) if hi_whole else (w < hi.value)
+    for cut, whole in ((lo, lo_whole), (hi, hi_whole)):
+        if cut is not None and not whole:
+            mask[_ties_in_range(w, cut, start, stop)] = True
     return mask
 
 
@@ -74,22 +101,9 @@ def top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool)
-    threshold = kth_smallest(w, n - k)  # the largest value that is dropped
-    mask = w > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:  # some elements equal to the threshold are kept too
-        tied = (w == threshold).nonzero().squeeze(1)[:missing]
-        mask[tied] = True
+    cut = kth_smallest(w, n - k)  # the largest value that is dropped
+    mask = w > cut.value
+    kept_ties = k - (n - cut.less - cut.equal)  # elements equal to the cut that are kept
+    if kept_ties > 0:  # the first ones: their stable ascending ranks are the highest
+        mask[(w == cut.value).nonzero().squeeze(1)[:kept_ties]] = True
     return mask
-
-
-def row_order(rows: torch.Tensor) -> torch.Tensor:
-    """Flat indices of (R, C) non-negative `rows` sorted by (row, value), ties by index.
-
-    One stable sort of an int64 key (row << 32 | float bits) instead of R row argsorts:
-    non-negative float32 values order exactly as their bit patterns do.
-    """
-    height = rows.shape[0]
-    key = rows.contiguous().view(torch.int32).to(torch.int64)  # (R, C)
-    key += torch.arange(height, dtype=torch.int64).mul_(1 << 32).view(height, 1)
-    return torch.sort(key.view(-1), stable=True).indices

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from node.merge.methods.select import rank_range_mask, row_order, top_count_mask
+from node.merge.methods.select import rank_range_mask, top_count_mask
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either l1 norm is below this
 
@@ -23,6 +23,12 @@ def rescale_l1(masked: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
     return masked.mul_(l1_before / l1_after)
 
 
+def keep_only(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero `delta` in place where `keep` (same number of elements) is False."""
+    # mul_ by a bool mask is 3x faster than masked_fill_ or where on this CPU build.
+    return delta.mul_(keep.view(delta.shape))
+
+
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
     """Keep the `density` fraction (at least one) of largest-|x| elements (TIES)."""
     if density >= 1:
@@ -31,10 +37,9 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     if density <= 0 or n == 0:
         return delta.zero_()
     k = max(1, int(density * n))
-    flat = delta.view(-1)
-    w = flat.abs()
+    w = delta.view(-1).abs()
     l1_before = w.sum() if rescale else None
-    flat.mul_(top_count_mask(w, k))
+    keep_only(delta, top_count_mask(w, k))
     return rescale_l1(delta, l1_before) if l1_before is not None else delta
 
 
@@ -48,11 +53,27 @@ def magnitude_outliers(
     keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)  # fewer outliers dropped if density needs them
-    flat = delta.view(-1)
-    w = flat.abs()
+    w = delta.view(-1).abs()
     l1_before = w.sum() if rescale else None
-    flat.mul_(rank_range_mask(w, n_bottom, n_bottom + keep))
+    keep_only(delta, rank_range_mask(w, n_bottom, n_bottom + keep))
     return rescale_l1(delta, l1_before) if l1_before is not None else delta
+
+
+def bernoulli_mask(shape: torch.Size, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Independent Bernoulli(p) draws from 16 random bits each (p rounded to 1/65536).
+
+    Four draws per 64-bit word: 4-6x faster than torch.bernoulli, same distribution.
+    """
+    threshold = round(p * 65536) - 32768  # int16 draws are uniform on [-32768, 32767]
+    return random_int16(shape, generator) < threshold
+
+
+def random_int16(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform int16 values, four per 64-bit draw of the generator."""
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)  # uniform over (almost) all 64 bits
+    return words.view(torch.int16)[:n].view(shape)
 
 
 def random_drop(
@@ -62,8 +83,7 @@ def random_drop(
     if density >= 1:
         return delta
     l1_before = delta.abs().sum() if rescale else None
-    # Uniform draws compared with p are Bernoulli(p) draws, and 3x faster than bernoulli_.
-    delta.mul_(torch.rand(delta.shape, generator=generator) < density)
+    keep_only(delta, bernoulli_mask(delta.shape, density, generator))
     return rescale_l1(delta, l1_before) if l1_before is not None else delta
 
 
@@ -87,17 +107,20 @@ def della_magprune(
         rows = delta.view(1, -1)
     else:  # mergekit ranks along dim 1: make it the last one, (R, C)
         rows = delta.movedim(1, -1).reshape(-1, delta.shape[1])
-    height, width = rows.shape
-    # Probability of each rank in a row, as mergekit computes it from normalized ranks.
+    width = rows.shape[1]
+    # Keep probability of each rank in a row, as mergekit computes it from normalized
+    # ranks; as an int16 threshold for 16-bit uniform draws (p rounded to 1/65536).
     by_rank = torch.arange(width, dtype=torch.float32).div_(max(width - 1, 1)).clamp_(0, 1)
     by_rank = (density - epsilon) + by_rank * 2 * epsilon
-    # One sort of all rows; probabilities go straight to each sorted position
-    # (mergekit argsorts every row twice to get ranks).
-    probs = torch.empty(height * width, dtype=torch.float32)
-    probs[row_order(rows.abs())] = by_rank.repeat(height)
+    thresholds = by_rank.mul_(65536).round_().sub_(32768).to(torch.int32)
+    # One argsort per row, of the magnitudes' bit patterns (non-negative floats order as
+    # their int32 bits, which sort faster; mergekit argsorts every row twice). Draws are
+    # made in sorted order, decisions scattered back to their elements.
+    order = torch.argsort(rows.abs().view(torch.int32), dim=1)
+    keep_sorted = random_int16(rows.shape, generator) < thresholds  # (R, C)
+    keep = torch.empty(rows.shape, dtype=torch.bool).scatter_(1, order, keep_sorted)
     if delta.dim() > 2:
-        probs = probs.view(delta.movedim(1, -1).shape).movedim(-1, 1)
-    probs = probs.reshape(delta.shape)
+        keep = keep.view(delta.movedim(1, -1).shape).movedim(-1, 1)
     l1_before = delta.abs().sum() if rescale else None
-    delta.mul_(torch.rand(delta.shape, generator=generator) < probs)
+    keep_only(delta, keep.reshape(delta.shape))
     return rescale_l1(delta, l1_before) if l1_before is not None else delta
