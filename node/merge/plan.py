@@ -54,7 +54,7 @@ def _groups(recipe: Recipe, sources: dict[str, TensorSource]) -> list[OutputSlic
     srcs = list(recipe.models)
     if recipe.base_model and recipe.base_model not in [s.model for s in srcs]:
         srcs.append(SliceSource(recipe.base_model))
-    n = arch.layout(sources[srcs[0].model].names()).n_layers
+    n = arch.layout(sources[recipe.base_model or srcs[0].model].names()).n_layers
     return [OutputSlice(tuple(SliceSource(s.model, (0, n), s.parameters) for s in srcs))]
 
 
@@ -85,21 +85,32 @@ def build_plan(
         check_inputs(method, listed, base)
     scopes = _all_scopes(recipe)
     check_ranges(scopes)
+    n_out = 0
+    for sl in groups:
+        lo, hi = sl.sources[0].layer_range or (0, 0)
+        n_out += hi - lo
+    check_table_lengths(scopes, n_out)
     plan = MergePlan(donor=recipe.base_model or groups[0].sources[0].model)
     builder = _Builder(recipe, method, sources, vocab_rows, plan)
     first, last = groups[0], groups[-1]
-    pre_layout = arch.layout(sources[first.sources[0].model].names())
+    pre_layout = arch.layout(sources[_lead(recipe, first).model].names())
     for name in pre_layout.pre:
         builder.add(name, first, 0, {s.model: name for s in first.sources}, Position(name))
     for i, sl in enumerate(groups):
         builder.add_slice(i, sl)
-    post_layout = arch.layout(sources[last.sources[0].model].names())
+    post_layout = arch.layout(sources[_lead(recipe, last).model].names())
     for name in post_layout.post:
         builder.add(
             name, last, len(groups) - 1, {s.model: name for s in last.sources}, Position(name)
         )
-    check_table_lengths(scopes, plan.n_layers)
+    assert plan.n_layers == n_out
     return plan
+
+
+def _lead(recipe: Recipe, sl: OutputSlice) -> SliceSource:
+    """The source whose tensor names define the output: the base if it is one, else the first."""
+    base = sl.base_model or recipe.base_model
+    return next((s for s in sl.sources if s.model == base), sl.sources[0])
 
 
 def _all_scopes(recipe: Recipe) -> list[tuple[str, Params]]:
@@ -127,7 +138,7 @@ class _Builder:
         self.vocab_rows, self.plan = vocab_rows, plan
 
     def add_slice(self, i: int, sl: OutputSlice) -> None:
-        first = sl.sources[0]
+        first = _lead(self.recipe, sl)
         assert first.layer_range is not None
         lo, hi = first.layer_range
         lay = arch.layout(self.sources[first.model].names())
