@@ -42,7 +42,7 @@ def generate(model_dir: Path, dtype: torch.dtype = torch.float32) -> list[int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     ids = tok("The function returns", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id or 0)
     assert out.shape[1] == ids.shape[1] + 6
