@@ -63,6 +63,10 @@ class NodeProc:
                 return line
         raise AssertionError(f"no {prefix!r} line; node printed:\n" + "".join(self.seen[-30:]))
 
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL for the node and anything it left behind."""
         if self.proc.poll() is None:
@@ -153,6 +157,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: object) -> It
         expert_id = load_expert(src, tmp / "cache").expert_id
         yield Swarm(src, expert_id, a, b, liar, tmp)
     finally:
+        for n in nodes:
+            n.terminate()  # all at once: each takes a few seconds to withdraw and stop
         for n in nodes:
             n.stop()
 
@@ -370,3 +376,42 @@ def test_sigterm_during_service_exits_zero_without_orphans(swarm: Swarm, tmp_pat
         assert not [p for p in family if pid_alive(p)]
     finally:
         node.stop()
+
+
+def test_merge_reads_a_unode_expert_from_the_network_identical_to_local(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    """`model: unode://<id>` in a recipe: tensors fetched as the merge needs them (the liar in
+    the swarm is caught on the way), output byte-identical to merging the local copy."""
+    from node.merge.api import merge
+    from node.network.source import open_network_sources
+
+    variant = toymodels.make_variant(swarm.expert_dir, tmp_path / "variant", seed=70)
+
+    def recipe(expert: str) -> dict[str, object]:
+        models = [(expert, 0.7), (str(variant), 0.3)]
+        return {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in models],
+        }
+
+    ref = f"unode://{swarm.expert_id.hex()}"
+    net = NetworkConfig(network=NETWORK, initial_peers=(swarm.a.maddr,), host_maddrs=(LOOPBACK,))
+    sources, by_ref = open_network_sources([ref, str(variant)], net, tmp_path / "cache")
+    assert sources is not None and list(by_ref) == [ref]
+    try:
+        merge(recipe(ref), tmp_path / "net", sources=by_ref, progress=False)
+    finally:
+        for s in by_ref.values():
+            s.close()  # type: ignore[attr-defined]
+        sources.close()
+    merge(recipe(str(swarm.expert_dir)), tmp_path / "local", progress=False)
+    out_files = sorted(p.name for p in (tmp_path / "local").glob("*.safetensors"))
+    assert out_files and out_files == sorted(
+        p.name for p in (tmp_path / "net").glob("*.safetensors")
+    )
+    for name in out_files:
+        assert (tmp_path / "net" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert (tmp_path / "cache" / swarm.expert_id.hex() / "config.json").read_bytes() == (
+        swarm.expert_dir / "config.json"
+    ).read_bytes()

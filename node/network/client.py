@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from node.network import wire
 from protocol.content import chunk_hash, object_root, record_hash
@@ -48,12 +48,31 @@ class LocalWriteError(Exception):
     """Writing to the output failed (disk full, permissions): not the provider's fault."""
 
 
+class Target(Protocol):
+    """Where a verified object's bytes go; `write(offset, data)` puts bytes at `offset` of it."""
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+
 @dataclass(frozen=True)
-class Target:
-    """Where a verified object goes: file descriptor and the offset of its first byte."""
+class FileTarget:
+    """An object stored at byte `base` of an open file."""
 
     fd: int
     base: int
+
+    def write(self, offset: int, data: memoryview) -> None:
+        os.pwrite(self.fd, data, self.base + offset)
+
+
+@dataclass(frozen=True)
+class MemoryTarget:
+    """An object read into a preallocated buffer (a tensor's bytes)."""
+
+    view: memoryview
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.view[offset : offset + len(data)] = data
 
 
 def check_header(
@@ -82,7 +101,7 @@ def write_chunk(header: StreamHeader, frame: bytes, index: int, target: Target) 
     if chunk_hash(view) != header.chunks[index]:
         raise HashMismatchError(f"chunk {index} does not match its hash in the signed header")
     try:
-        os.pwrite(target.fd, view, target.base + begin)
+        target.write(begin, view)
     except OSError as err:
         raise LocalWriteError(f"cannot write the output: {err}") from err
     return len(view)

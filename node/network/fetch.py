@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import UserError
-from node.network.client import BlobStream, LocalWriteError, ProviderError, ProviderLied, Target
+from node.network.client import BlobStream, FileTarget, LocalWriteError, ProviderError, ProviderLied
 from node.network.discovery import Provider
 from node.network.plan import Journal, Piece, header_pieces, tensor_pieces
 from node.network.pool import FetchError, ProviderPool
@@ -236,7 +236,7 @@ class _Run:
                 stream = streams[provider.peer_id] = await BlobStream.open(
                     self.pool.p2p, await self.pool.connect(provider)
                 )
-            target = Target(self.files.fd(piece.file), piece.offset)
+            target = FileTarget(self.files.fd(piece.file), piece.offset)
             await stream.get_object(
                 piece.digest,
                 piece.meta,

@@ -13,7 +13,7 @@ from typing import Any
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.network.client import ProviderError, ProviderLied
+from node.network.client import BlobStream, ProviderError, ProviderLied, Target
 from node.network.discovery import Provider
 
 log = logging.getLogger(__name__)
@@ -75,3 +75,54 @@ class ProviderPool:
     def _drop(self, pid: str, reason: str) -> None:
         self.alive.pop(pid, None)
         self.dropped[pid] = reason
+
+
+class StreamCache:
+    """Idle streams per provider: a request takes one (or opens one) and gives it back after."""
+
+    def __init__(self, pool: ProviderPool) -> None:
+        self.pool = pool
+        self._idle: dict[str, list[BlobStream]] = defaultdict(list)
+
+    async def take(self, provider: Provider) -> BlobStream:
+        idle = self._idle[provider.peer_id]
+        if idle:
+            return idle.pop()
+        return await BlobStream.open(self.pool.p2p, await self.pool.connect(provider))
+
+    def give(self, provider: Provider, stream: BlobStream) -> None:
+        self._idle[provider.peer_id].append(stream)
+
+    def close(self) -> None:
+        for streams in self._idle.values():
+            for s in streams:
+                s.close()
+        self._idle.clear()
+
+
+async def fetch_object(
+    cache: StreamCache, digest: bytes, meta: list[object], nbytes: int, target: Target
+) -> None:
+    """One object into `target`, failing over between providers; resumes at the first chunk
+    not yet verified, so a provider dying mid-object costs only the chunk in flight."""
+    verified = 0
+
+    def advance(next_chunk: int, _: int) -> None:
+        nonlocal verified
+        verified = next_chunk
+
+    while True:
+        provider = cache.pool.pick()  # FetchError when none is left
+        try:
+            stream = await cache.take(provider)
+            try:
+                await stream.get_object(digest, meta, nbytes, verified, target, advance)
+            except BaseException:
+                stream.close()
+                raise
+        except ProviderError as err:
+            cache.pool.failed(provider, err)
+            continue
+        cache.give(provider, stream)
+        cache.pool.succeeded(provider, nbytes)
+        return
