@@ -132,6 +132,8 @@ class _Run:
         pending: Future[None] | None = None
         nxt: Future[dict[str, torch.Tensor]] | None = None
         for i, job in enumerate(self.jobs):
+            if pending is not None and 2 * self.sizes[i] > self.largest:
+                pending.result()  # a big job: let the previous result go first
             tensors = nxt.result() if nxt is not None else gather(job, self.sources, self.pool)
             nxt = None
             if i + 1 < len(self.jobs) and self.sizes[i] + self.sizes[i + 1] <= self.largest:
