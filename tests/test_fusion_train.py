@@ -237,3 +237,24 @@ def test_fusechat_pairwise_then_sce_merge(env: Any, tmp_path: Path, llama_family
     pivot = AutoModelForCausalLM.from_pretrained(env.target)
     w_m, w_p = merged.state_dict(), pivot.state_dict()
     assert any(not torch.equal(w_m[k], w_p[k]) for k in w_p)
+
+
+def test_combined_loss_matches_the_simple_one_in_value_and_gradient() -> None:
+    from node.fusion.loss import combined_loss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 30, generator=gen, requires_grad=True)
+    ids = torch.randint(-1, 30, (2, 5, 4), generator=gen)
+    probs = torch.rand(2, 5, 4, generator=gen) * (ids >= 0)
+    labels = torch.randint(0, 30, (2, 5), generator=gen)
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+    clm, fus = clm_and_fusion(logits[:, :-1], labels, ids, probs, mask)
+    simple = 0.7 * clm + 0.3 * fus
+    fused, clm_value, fusion_value = combined_loss(logits, labels, ids, probs, mask, 0.7)
+    assert float(fused.detach()) == pytest.approx(float(simple.detach()), abs=1e-5)
+    assert clm_value == pytest.approx(float(clm.detach()), abs=1e-5)
+    assert fusion_value == pytest.approx(float(fus.detach()), abs=1e-5)
+    g_simple = torch.autograd.grad(simple, logits)[0]
+    g_fused = torch.autograd.grad(fused, logits)[0]
+    assert torch.allclose(g_simple, g_fused, atol=1e-6)
+    assert (g_fused[:, -1] == 0).all()  # the last position predicts nothing

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,15 @@ def _forward_batch(
     return out
 
 
+def _max_positions(model_dir: Path) -> int:
+    """The longest input the model takes (sequences are cut to it)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(name), int):
+            return int(config[name])
+    return 1 << 30
+
+
 def _shard_settings(model_dir: Path, corpus: Path, tok: Any, s: SummarySettings) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -159,6 +168,7 @@ def summarize(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").exists():
         raise UserError("--model", str(model_dir), "give a model directory with config.json")
+    s = replace(s, max_len=min(s.max_len, _max_positions(model_dir)))
     tok = AutoTokenizer.from_pretrained(model_dir)
     encs = _encode_corpus(tok, corpus, s.max_len)
     head = _shard_settings(model_dir, corpus, tok, s)

@@ -21,7 +21,7 @@ from node.fusion.checkpoint import load_checkpoint, save_checkpoint
 from node.fusion.corpus import corpus_sha256
 from node.fusion.dataset import FusionExample, SourceReport, build_dataset, collate
 from node.fusion.fuse_fns import FUSION_FNS
-from node.fusion.loss import clm_and_fusion
+from node.fusion.loss import clm_and_fusion, combined_loss
 from node.fusion.summary_store import model_sha256, write_json_atomic
 
 
@@ -104,13 +104,21 @@ def batch_indices(micro: int, n: int, cfg: FuseConfig) -> np.ndarray:
     return perm[within * cfg.batch_size : (within + 1) * cfg.batch_size]
 
 
+def forward(
+    model: Any, batch: dict[str, torch.Tensor], fusion: str, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's logits (B, T, V) and the fused sparse target: ids, probs (B, T-1, K)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ids, probs = FUSION_FNS[fusion](batch["ids"], batch["probs"], batch["seq_ce"], batch["tok_ce"])
+    return logits, ids, probs
+
+
 def losses(
     model: Any, batch: dict[str, torch.Tensor], fusion: str, bf16: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CLM, fusion) for one padded batch."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ids, probs = FUSION_FNS[fusion](batch["ids"], batch["probs"], batch["seq_ce"], batch["tok_ce"])
+    logits, ids, probs = forward(model, batch, fusion, bf16)
     return clm_and_fusion(logits[:, :-1], batch["labels"], ids, probs, batch["mask"])
 
 
@@ -152,11 +160,12 @@ def _train_step(
         batch = collate(
             [data[i] for i in batch_indices(step * cfg.grad_accum + micro, len(data), cfg)], pad_id
         )
-        clm, fus = losses(model, batch, cfg.fusion, cfg.bf16)
-        loss = cfg.lam * clm + (1.0 - cfg.lam) * fus
+        logits, ids, probs = forward(model, batch, cfg.fusion, cfg.bf16)
+        labels, mask = batch["labels"], batch["mask"]
+        loss, clm, fus = combined_loss(logits, labels, ids, probs, mask, cfg.lam)
         (loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
-        for key, value in (("clm", clm), ("fusion", fus), ("loss", loss)):
-            sums[key] += float(value.detach()) / cfg.grad_accum
+        for key, value in (("clm", clm), ("fusion", fus), ("loss", float(loss.detach()))):
+            sums[key] += value / cfg.grad_accum
         sums["tokens"] += float(batch["attention_mask"].sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
     opt.step()
