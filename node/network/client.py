@@ -140,7 +140,9 @@ class BlobStream:
             reply = await self._ask(wire.BlobRequest("record", digest))
             if reply.length > max_bytes:
                 raise ProviderError(f"{self.peer_id} offers a {reply.length}-byte record")
-            data = await asyncio.wait_for(self._reader.readexactly(reply.length), STALL_TIMEOUT)
+            data: bytes = await asyncio.wait_for(
+                self._reader.readexactly(reply.length), STALL_TIMEOUT
+            )
         if record_hash(data) != digest:
             raise ProviderLied(f"{self.peer_id} sent a record that does not match its hash")
         return data

@@ -125,12 +125,15 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.progress: dict[str, int] = {}
-        if path.is_file():
-            for line in path.read_text(errors="replace").splitlines():
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if text:
+            for line in text.splitlines():
                 key, _, num = line.rpartition("\t")
                 if key and num.isdigit():
                     self.progress[key] = max(self.progress.get(key, 0), int(num))
         self._f = path.open("a")
+        if text and not text.endswith("\n"):  # a line torn by a crash: end it
+            self._f.write("\n")
 
     def record(self, piece: Piece, next_chunk: int) -> None:
         self.progress[piece.key] = next_chunk
