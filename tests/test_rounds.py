@@ -161,49 +161,103 @@ def make_swarm(tmp: Path, family: Any, network: str, envs: list[dict[str, str]] 
     return Swarm(tmp, network, dirs, ids, nodes)
 
 
-@pytest.fixture
-def swarm_factory(tmp_path: Path) -> Iterator[Any]:
-    made: list[Swarm] = []
-
-    def make(family: Any, network: str, envs: list[dict[str, str]] | None = None) -> Swarm:
-        s = make_swarm(tmp_path, family, network, envs)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        for n in s.nodes:
-            n.stop(signal.SIGKILL)
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory, llama_family: Any) -> Iterator[Swarm]:
+    s = make_swarm(tmp_path_factory.mktemp("rounds"), llama_family, "rounds-test")
+    yield s
+    for n in s.nodes:
+        n.stop(signal.SIGKILL)
 
 
-def propose(s: Swarm, *extra: str) -> dict[str, Any]:
-    res = run_cli("round", "merge", str(s.recipe_file("r")), "--network", s.network,
-                  "--initial-peers", s.nodes[0].maddr, "--wait", "--json", "--timeout", "150",
-                  *extra)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:] + "\n".join(n.text()[-2000:] for n in s.nodes)
-    return dict(json.loads(res.stdout[res.stdout.index("{") :]))
+def propose(s: Swarm, *extra: str, background: bool = False) -> Any:
+    args = [UNODE, "round", "merge", str(s.recipe_file("r")), "--network", s.network,
+            "--initial-peers", s.nodes[0].maddr, "--wait", "--json", "--timeout", "150", *extra]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **FAST})  # fmt: skip
+    if background:
+        return proc
+    return finish(s, proc)
+
+
+def finish(s: Swarm, proc: subprocess.Popen[str]) -> dict[str, Any]:
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:] + "\n".join(n.text()[-2000:] for n in s.nodes)
+    return dict(json.loads(stdout[stdout.index("{") :]))
 
 
 def round_expert(node: Node, rid: str) -> Path:
-    found = list((node.state / "rounds" / rid / "expert").iterdir())
+    found = [p for p in (node.state / "rounds" / rid / "expert").iterdir() if p.is_dir()]
     assert len(found) == 1, found
     return found[0]
 
 
-def test_merge_round_bit_identical_to_local_merge(tmp_path: Path, llama_family: Any, swarm_factory: Any) -> None:
-    s = swarm_factory(llama_family, "rounds-a")
-    out = propose(s, "--verify-rate", "0.5", "--claim-ttl", "30")
+def done_nodes(s: Swarm, rid: str) -> list[Node]:
+    return [n for n in s.nodes if f"UNODE_ROUND_DONE round={rid}" in n.text()]
+
+
+@pytest.fixture(scope="module")
+def local_merge(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    return tensors(swarm.local_merge(tmp_path_factory.mktemp("local") / "out"))
+
+
+def test_merge_round_bit_identical_to_local_merge(swarm: Swarm, local_merge: dict[str, bytes], tmp_path: Path) -> None:
+    out = propose(swarm, "--verify-rate", "0.5", "--claim-ttl", "30")
     rid, eid = out["round_id"], out["expert_id"]
     assert out["units"] == 4 and eid
-    local = tensors(s.local_merge(tmp_path / "local"))
-    done = [n for n in s.nodes if f"UNODE_ROUND_DONE round={rid}" in n.text()]
+    done = done_nodes(swarm, rid)
     assert done, "no node assembled the round"
     for n in done:
         merged = round_expert(n, rid)
-        assert tensors(merged) == local  # bit for bit, every tensor
-        assert expert_id(merged, tmp_path / "c2") == eid
-        lineage = json.loads((merged / "unode_lineage.json").read_text()) if (merged / "unode_lineage.json").is_file() else None
-    texts = "".join(n.text() for n in s.nodes)
-    workers = {n.state for n in s.nodes if "unit " in n.text() and " done (" in n.text()}
-    assert len(workers) >= 2, texts[-3000:]  # the work was shared
-    assert "rejected unit" not in texts
+        assert tensors(merged) == local_merge  # bit for bit, every tensor
+        assert expert_id(merged, tmp_path / "ids") == eid
+        lineage = json.loads((merged / "unode-lineage.json").read_text())
+        assert lineage["round_id"] == rid and len(lineage["units"]) == 4
+        assert lineage["inputs"] == swarm.ids
+    workers = [n for n in swarm.nodes if f"round {rid[:12]}: unit " in n.text()]
+    assert len(workers) >= 2  # the work was shared
+    assert "rejected unit" not in "".join(n.text() for n in swarm.nodes)
+
+
+def test_killed_worker_round_completes_and_restart_resumes(swarm: Swarm, local_merge: dict[str, bytes], tmp_path: Path) -> None:
+    state = swarm.tmp / "slow"
+    copy = swarm.dirs[0]  # hosts a copy of the base: any node may host any expert
+    slow = start(state, swarm.network, "--initial-peers", swarm.nodes[0].maddr, "--expert", str(copy),
+                 "--domain", "general", env={"UNODE_TEST_UNIT_DELAY": "120"})  # fmt: skip
+    swarm.nodes.append(slow)
+    proc = propose(swarm, "--units", "12", "--claim-ttl", "4", "--verify-rate", "0", background=True)
+    line = slow.wait_for("computed, waiting", timeout=60)
+    slow.stop(signal.SIGKILL)  # dies holding a claim, its finished unit never published
+    out = finish(swarm, proc)
+    rid = out["round_id"]
+    assert rid[:12] in line
+    for n in done_nodes(swarm, rid):
+        assert tensors(round_expert(n, rid)) == local_merge
+    # the restarted worker resumes from its state dir: its computed unit is not lost
+    again = start(state, swarm.network, "--initial-peers", swarm.nodes[0].maddr, "--expert", str(copy),
+                  "--domain", "general")  # fmt: skip
+    swarm.nodes.append(again)
+    again.wait_for(f"round {rid[:12]}: resumed 1 units", timeout=30)
+    done = again.wait_for(f"UNODE_ROUND_DONE round={rid}", timeout=60)
+    assert done.strip().endswith(f"expert={out['expert_id']}")
+
+
+def test_wrong_unit_detected_and_redone(swarm: Swarm, local_merge: dict[str, bytes]) -> None:
+    liar = start(swarm.tmp / "liar", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
+                 "--expert", str(swarm.dirs[1]), "--domain", "general",
+                 env={"UNODE_TEST_WRONG_UNITS": "1"})  # fmt: skip
+    swarm.nodes.append(liar)
+    out = propose(swarm, "--units", "8", "--verify-rate", "1", "--claim-ttl", "30")
+    rid = out["round_id"]
+    liar_units = liar.text().count(f"round {rid[:12]}: unit ")
+    assert liar_units >= 1, liar.text()[-2000:]
+    honest = [n for n in done_nodes(swarm, rid) if n is not liar]
+    assert honest
+    texts = "".join(n.text() for n in swarm.nodes if n is not liar)
+    assert "rejected unit" in texts and "worker 12D3" in texts
+    for n in honest:
+        assert tensors(round_expert(n, rid)) == local_merge
+    assert out["expert_id"] == expert_id(round_expert(honest[0], rid), swarm.tmp / "ids")

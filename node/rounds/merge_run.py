@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from node.rounds.spec import RoundSpec
 from protocol.records import RoundProposal
 
 log = logging.getLogger(__name__)
+DELAY_ENV = "UNODE_TEST_UNIT_DELAY"  # fault injector for tests: hold each result back N seconds
 
 
 class MergeRun:
@@ -43,6 +45,7 @@ class MergeRun:
         self.inputs: RoundInputs | None = None
         self.prep: Prepared | None = None
         self.expert_dir: Path | None = None
+        self.unpublished: set[int] = set()  # resumed units whose result may not be in the DHT
         root.mkdir(parents=True, exist_ok=True)
         (root / "spec").write_bytes(spec.to_bytes())
         self._resume()
@@ -56,6 +59,7 @@ class MergeRun:
         for d in sorted((self.root / "units").glob("[0-9]*")):
             if d.is_dir() and (d / "model.safetensors").is_file():
                 self.mine[int(d.name)] = self._serve_unit(d)
+                self.unpublished.add(int(d.name))
         if self.mine:
             self.node.say(f"unode: round {self.rid.hex()[:12]}: resumed {len(self.mine)} units")
 
@@ -65,6 +69,10 @@ class MergeRun:
         return unit.expert_id
 
     async def step(self) -> None:
+        for u in sorted(self.unpublished):
+            await records.result(self.node.dht, self.node.identity, self.node.network, self.rid,
+                                 u, self.mine[u], 0)  # fmt: skip
+        self.unpublished.clear()
         views = {u: await records.unit_view(self.node.dht, self.node.network, self.rid, u)
                  for u in range(len(self.spec.units))}  # fmt: skip
         accepted, conflicts = self._judge(views)
@@ -126,6 +134,7 @@ class MergeRun:
                 view = await records.unit_view(self.node.dht, self.node.network, self.rid, u)
                 if view.holder(self.cheaters) not in (None, self.me):
                     continue  # someone claimed first
+            self.node.say(f"unode: round {self.rid.hex()[:12]}: claimed unit {u}")
             return u
         return None
 
@@ -151,6 +160,9 @@ class MergeRun:
         await asyncio.to_thread(compute_unit, prep, names, out)
         digest = self._serve_unit(out)
         self.mine[unit] = digest
+        if (delay := float(os.environ.get(DELAY_ENV, "0"))) > 0:  # tests: be killable mid-round
+            self.node.say(f"unode: round {self.rid.hex()[:12]}: unit {unit} computed, waiting {delay}s")
+            await asyncio.sleep(delay)
         ms = int((time.monotonic() - start) * 1000)
         await records.result(self.node.dht, self.node.identity, self.node.network, self.rid, unit, digest, ms)
         self.node.say(f"unode: round {self.rid.hex()[:12]}: unit {unit} done ({ms} ms) {digest.hex()[:12]}")

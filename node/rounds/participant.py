@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from node.network.config import HostedExpert, JoinConfig
+from node.network.discovery import list_experts
 from node.network.hosting import Hosting
 from node.network.manifest import load_expert
 from node.network.service import BlobServer
@@ -87,6 +88,9 @@ class RoundNode:
         rid = p.round_id
         root = self.state_dir / "rounds" / rid.hex()
         saved = root / "spec"
+        if not saved.is_file() and await self._already_done(rid):
+            self.skipped.add(rid)  # a late joiner has nothing to add to a finished round
+            return None
         spec = None
         if saved.is_file():
             spec = RoundSpec.from_bytes(saved.read_bytes())
@@ -110,6 +114,9 @@ class RoundNode:
         self.runs[rid] = run
         self.say(f"unode: taking part in {spec.mode} round {rid.hex()[:12]} ({len(spec.units)} units)")
         return run
+
+    async def _already_done(self, rid: bytes) -> bool:
+        return any(k.card.lineage == rid for k in await list_experts(self.dht, self.network))
 
     async def _claimants(self, p: RoundProposal) -> list[bytes]:
         owners: list[bytes] = []
