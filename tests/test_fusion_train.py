@@ -180,6 +180,18 @@ def test_bf16_and_token_level_fusion_run(env: Any, tmp_path: Path) -> None:
     assert out is not None and (out / "config.json").exists()
 
 
+def test_target_tokenizer_missing_the_corpus_characters_is_refused(
+    env: Any, tmp_path: Path, llama_family: Any, gpt2_family: Any
+) -> None:
+    jp = tmp_path / "jp.txt"
+    jp.write_text("日本語のテキスト。\n\n漢字とかな。")
+    summarize(llama_family.base, jp, tmp_path / "s", SETTINGS, progress=False)  # byte-level: ok
+    with pytest.raises(UserError, match="unknown to the model's tokenizer"):
+        fuse(replace(env, target=gpt2_family.base, summaries=[tmp_path / "s"], corpus=jp,
+                     out=tmp_path / "o"))  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+
+
 def test_bad_inputs_are_refused_before_writing(env: Any, tmp_path: Path) -> None:
     other = write_toy_corpus(tmp_path / "other.jsonl", n=24, seed=99)
     with pytest.raises(UserError, match="another corpus"):

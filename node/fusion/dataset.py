@@ -15,6 +15,7 @@ from tqdm import tqdm
 from node.errors import UserError
 from node.fusion.align import ONE_TO_ONE, Alignment
 from node.fusion.corpus import Example, corpus_sha256, load_corpus
+from node.fusion.summaries import check_coverage
 from node.fusion.summary_store import SummaryReader
 from node.fusion.targets import Candidate, Diagnostics, align, build_candidate
 from node.fusion.tokens import Encoded, encode, tokenizer_sha256, vocab_texts
@@ -122,6 +123,7 @@ def build_dataset(
     """
     examples = load_corpus(corpus)
     encs = [encode(tgt_tok, ex.text, max_len) for ex in examples]
+    check_coverage(tgt_tok, encs, corpus)
     readers = open_summaries(summaries, corpus, len(examples))
     tgt_hash, tgt_texts = tokenizer_sha256(tgt_tok), vocab_texts(tgt_tok)
     tgt_offsets = all(e.has_offsets for e in encs)

@@ -61,20 +61,25 @@ def _check_settings(s: SummarySettings) -> None:
         raise UserError("--batch-size", s.batch_size, "use values of at least 1")
 
 
-def _encode_corpus(tokenizer: Any, corpus: Path, max_len: int) -> list[Encoded]:
-    texts = [ex.text for ex in load_corpus(corpus)]
-    encs = [encode(tokenizer, t, max_len) for t in texts]
+def check_coverage(tokenizer: Any, encs: list[Encoded], corpus: Path) -> None:
+    """Refuse a corpus whose characters the tokenizer mostly cannot represent (<unk>)."""
     unk = tokenizer.unk_token_id
-    if unk is not None:
-        total = sum(len(e.ids) for e in encs)
-        n_unk = sum(int((e.ids == unk).sum()) for e in encs)
-        if n_unk > MAX_UNK_SHARE * total:
-            raise UserError(
-                "--corpus",
-                str(corpus),
-                "use a tokenizer that covers the corpus characters, or clean the corpus",
-                problem=f"{n_unk}/{total} tokens are unknown to the model's tokenizer",
-            )
+    if unk is None:
+        return
+    total = sum(len(e.ids) for e in encs)
+    n_unk = sum(int((e.ids == unk).sum()) for e in encs)
+    if n_unk > MAX_UNK_SHARE * total:
+        raise UserError(
+            "--corpus",
+            str(corpus),
+            "use a tokenizer that covers the corpus characters, or clean the corpus",
+            problem=f"{n_unk}/{total} tokens are unknown to the model's tokenizer",
+        )
+
+
+def _encode_corpus(tokenizer: Any, corpus: Path, max_len: int) -> list[Encoded]:
+    encs = [encode(tokenizer, ex.text, max_len) for ex in load_corpus(corpus)]
+    check_coverage(tokenizer, encs, corpus)
     return encs
 
 
