@@ -125,30 +125,44 @@ def build_dataset(
     encs = [encode(tgt_tok, ex.text, max_len) for ex in examples]
     check_coverage(tgt_tok, encs, corpus)
     readers = open_summaries(summaries, corpus, len(examples))
-    tgt_hash, tgt_texts = tokenizer_sha256(tgt_tok), vocab_texts(tgt_tok)
-    tgt_offsets = all(e.has_offsets for e in encs)
     data = [
         FusionExample(e.ids, response_mask(tgt_tok, e, ex, response_only), [])
         for e, ex in zip(encs, examples, strict=True)
     ]
-    reports = []
-    for reader in readers:
-        vmap = _vocab_map(reader, tgt_tok, encs, vocab_method, cache_dir)
-        same_tok = reader.manifest["tokenizer_sha256"] == tgt_hash
-        src_texts = tgt_texts if same_tok else vocab_texts(reader.tokenizer())
-        use_spans = alignment != "dp" and tgt_offsets and reader.has_offsets
-        diag = Diagnostics()
-        for i in tqdm(range(len(encs)), desc=f"align {reader.path.name}", disable=not progress):
-            src = reader.sequence(i)
-            if same_tok and np.array_equal(src.ids, encs[i].ids):
-                rows = _identity_alignment(len(encs[i].ids) - 1)
-            else:
-                rows = align(src, encs[i], src_texts, tgt_texts, use_spans)
-            cand, d = build_candidate(src, encs[i], vmap, rows)
-            data[i].cands.append(cand)
-            diag.add(d)
-        reports.append(_report(reader, vmap, diag))
+    reports = [
+        _add_source(r, tgt_tok, encs, data, vocab_method, cache_dir, progress, alignment)
+        for r in readers
+    ]
     return data, reports
+
+
+def _add_source(
+    reader: SummaryReader,
+    tgt_tok: Any,
+    encs: list[Encoded],
+    data: list[FusionExample],
+    vocab_method: str,
+    cache_dir: Path | None,
+    progress: bool,
+    alignment: str,
+) -> SourceReport:
+    """Align one source's summary onto every target sequence; append its candidates."""
+    vmap = _vocab_map(reader, tgt_tok, encs, vocab_method, cache_dir)
+    tgt_texts = vocab_texts(tgt_tok)
+    same_tok = reader.manifest["tokenizer_sha256"] == tokenizer_sha256(tgt_tok)
+    src_texts = tgt_texts if same_tok else vocab_texts(reader.tokenizer())
+    use_spans = alignment != "dp" and reader.has_offsets and all(e.has_offsets for e in encs)
+    diag = Diagnostics()
+    for i in tqdm(range(len(encs)), desc=f"align {reader.path.name}", disable=not progress):
+        src = reader.sequence(i)
+        if same_tok and np.array_equal(src.ids, encs[i].ids):
+            rows = _identity_alignment(len(encs[i].ids) - 1)
+        else:
+            rows = align(src, encs[i], src_texts, tgt_texts, use_spans)
+        cand, d = build_candidate(src, encs[i], vmap, rows)
+        data[i].cands.append(cand)
+        diag.add(d)
+    return _report(reader, vmap, diag)
 
 
 def _report(reader: SummaryReader, vmap: VocabMap, diag: Diagnostics) -> SourceReport:

@@ -191,20 +191,25 @@ def summarize(
             builder = ShardBuilder(vocab)
             for b in range(0, len(chunk), s.batch_size):
                 batch = chunk[b : b + s.batch_size]
-                for i, (e, rows) in enumerate(
-                    zip(batch, _forward_batch(model, batch, s, pad_id), strict=True)
-                ):
-                    builder.add(first + b + i, e, rows)
+                rows = _forward_batch(model, batch, s, pad_id)
+                for i, (e, r) in enumerate(zip(batch, rows, strict=True)):
+                    builder.add(first + b + i, e, r)
                 bar.update(len(batch))
-            save_file(builder.arrays(), str(out_dir / (name + ".tmp")), metadata={"format": FORMAT})
-            (out_dir / (name + ".tmp")).replace(out_dir / name)
-            shards[name] = file_sha256(out_dir / name)
+            shards[name] = _write_shard(out_dir, name, builder)
             write_json_atomic(out_dir / "progress.json", {"head": head, "shards": shards})
         else:
             bar.update(len(chunk))
     bar.close()
     has_offsets = all(e.has_offsets for e in encs)
     return _finish(out_dir, model_dir, tok, head, shards, len(encs), vocab, has_offsets)
+
+
+def _write_shard(out_dir: Path, name: str, builder: ShardBuilder) -> str:
+    """Write under a temporary name, rename, return the file's SHA-256."""
+    tmp = out_dir / (name + ".tmp")
+    save_file(builder.arrays(), str(tmp), metadata={"format": FORMAT})
+    tmp.replace(out_dir / name)
+    return file_sha256(out_dir / name)
 
 
 def _finish(
