@@ -12,6 +12,7 @@ import torch
 from node.errors import UserError
 from node.merge.methods import check_inputs, get_method, method_names, select, sparsify
 from node.merge.methods.base import MergeInputs, tensor_generator
+from node.merge.methods.sce import population_variance
 
 mergekit_sparsify = pytest.importorskip("mergekit.sparsify")  # the `bench` extra
 
@@ -110,12 +111,12 @@ def test_masks_equal_a_stable_sort(kind: int) -> None:
     for start, stop in ((0, 1000), (120_000, 297_000), (150_000, 150_001), (299_000, 300_000)):
         expected = torch.zeros(w.numel(), dtype=torch.bool)
         expected[ascending[start:stop]] = True
-        assert torch.equal(select.rank_range_mask(w, start, stop), expected)
+        assert torch.equal(select.rank_range_mask(w, start, stop), expected.float())
     descending = torch.sort(w, descending=True, stable=True).indices
     for k in (1, 3000, 150_000, 299_999):
         expected = torch.zeros(w.numel(), dtype=torch.bool)
         expected[descending[:k]] = True
-        assert torch.equal(select.top_count_mask(w, k), expected)
+        assert torch.equal(select.top_count_mask(w, k), expected.float())
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2])  # no ties: mergekit's choice is then unique
@@ -324,3 +325,11 @@ def test_check_inputs_rejects_what_mergekit_rejects() -> None:
     with pytest.raises(UserError, match="model_stock takes at least 3 input models"):
         check_inputs(get_method("model_stock"), ["a"], "base")
     check_inputs(get_method("slerp"), ["a"], "base")  # the base not listed still counts
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_sce_variance_is_torch_var_bit_for_bit(count: int) -> None:
+    g = torch.Generator().manual_seed(count)
+    deltas = torch.randn(count, 70_000, generator=g) * 0.01 + torch.randn(1, 70_000, generator=g)
+    expected = torch.var(deltas, dim=0, unbiased=False)
+    assert torch.equal(population_variance(deltas), expected)

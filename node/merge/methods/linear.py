@@ -34,9 +34,8 @@ class LinearMerge:
                 weights,
                 "weights sum to 0: change them or set normalize: false",
             )
-        first = inputs.tensors[keys[0]]
-        result = torch.zeros_like(first, dtype=torch.float32)
-        for key, coefficient in zip(keys, coefficients, strict=True):
+        result = torch.mul(inputs.tensors[keys[0]], float(coefficients[0]))  # no zero fill
+        for key, coefficient in zip(keys[1:], coefficients[1:], strict=True):
             result.add_(inputs.tensors[key], alpha=float(coefficient))
         if params["normalize"]:
             result.div_(total)

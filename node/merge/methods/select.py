@@ -9,6 +9,7 @@ a stable sort gives); `row_order` sorts every row at once on one int64 key.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -72,38 +73,62 @@ def _ties_in_range(w: torch.Tensor, cut: OrderStat, start: int, stop: int) -> to
 
 
 def rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Mask of flat `w`'s elements whose stable ascending rank lies in [start, stop)."""
+    """Float 0/1 mask of flat `w`'s elements whose stable ascending rank is in [start, stop)."""
     n = w.numel()
     if stop <= start:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n)
     if start <= 0 and stop >= n:
-        return torch.ones(n, dtype=torch.bool)
+        return torch.ones(n)
     lo = kth_smallest(w, start + 1) if start > 0 else None  # value at rank start
     hi = kth_smallest(w, stop) if stop < n else None  # value at rank stop - 1
     # Common case: every element tied with a cut value is on the kept side of it.
     lo_whole = lo is None or (lo.less >= start and (hi is None or lo.value < hi.value))
     hi_whole = hi is None or (hi.less + hi.equal <= stop and (lo is None or lo.value < hi.value))
-    mask = torch.ones(n, dtype=torch.bool)
+    mask = torch.ones(n)
+    # Float masks written by the comparisons themselves: a bool mask costs a cast later.
     if lo is not None:
-        mask &= (w >= lo.value) if lo_whole else (w > lo.value)
+        (torch.ge if lo_whole else torch.gt)(w, lo.value, out=mask)
     if hi is not None:
-        mask &= (w <= hi.value) if hi_whole else (w < hi.value)
+        upper = (torch.le if hi_whole else torch.lt)(w, hi.value, out=torch.empty(n))
+        mask.mul_(upper)
     for cut, whole in ((lo, lo_whole), (hi, hi_whole)):
         if cut is not None and not whole:
-            mask[_ties_in_range(w, cut, start, stop)] = True
+            mask[_ties_in_range(w, cut, start, stop)] = 1.0
     return mask
 
 
 def top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest elements of flat `w` (ties at the cut: lowest indices first)."""
+    """Float 0/1 mask of the k largest elements of flat `w` (ties: lowest indices first)."""
     n = w.numel()
     if k >= n:
-        return torch.ones(n, dtype=torch.bool)
+        return torch.ones(n)
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n)
     cut = kth_smallest(w, n - k)  # the largest value that is dropped
-    mask = w > cut.value
+    mask = torch.gt(w, cut.value, out=torch.empty(n))
     kept_ties = k - (n - cut.less - cut.equal)  # elements equal to the cut that are kept
     if kept_ties > 0:  # the first ones: their stable ascending ranks are the highest
-        mask[(w == cut.value).nonzero().squeeze(1)[:kept_ties]] = True
+        mask[(w == cut.value).nonzero().squeeze(1)[:kept_ties]] = 1.0
     return mask
+
+
+def row_argsort(keys: torch.Tensor) -> torch.Tensor:
+    """argsort of each row of (R, C) `keys`, rows split over torch's intra-op threads.
+
+    torch sorts the rows of one tensor on one core; sorting blocks of rows in threads
+    (torch releases the GIL) uses all of them.
+    """
+    threads = min(torch.get_num_threads(), keys.shape[0])
+    if threads <= 1 or keys.numel() < (1 << 18):
+        return torch.argsort(keys, dim=1)
+    values = torch.empty_like(keys)
+    order = torch.empty(keys.shape, dtype=torch.int64)
+    bounds = [keys.shape[0] * i // threads for i in range(threads + 1)]
+
+    def sort_block(i: int) -> None:
+        a, b = bounds[i], bounds[i + 1]
+        torch.sort(keys[a:b], dim=1, out=(values[a:b], order[a:b]))
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(sort_block, range(threads)))
+    return order

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from node.merge.methods.select import rank_range_mask, top_count_mask
+from node.merge.methods.select import rank_range_mask, row_argsort, top_count_mask
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either l1 norm is below this
 
 
-def rescale_l1(masked: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
-    """Scale `masked` in place back to the l1 norm its unmasked version had."""
-    l1_after = masked.abs().sum()
-    if l1_before < RESCALE_EPS or l1_after < RESCALE_EPS:
-        return masked
-    return masked.mul_(l1_before / l1_after)
-
-
-def keep_only(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Zero `delta` in place where `keep` (same number of elements) is False."""
-    # mul_ by a bool mask is 3x faster than masked_fill_ or where on this CPU build.
+def apply_mask(
+    delta: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, rescale: bool
+) -> torch.Tensor:
+    """delta *= keep in place (`w` = |delta| flat, `keep` a float 0/1 mask of as many elements),
+    scaled back to delta's l1 norm when `rescale` (mergekit: not when a norm is < 1e-7)."""
+    keep = keep.view(-1)
+    if rescale:
+        l1_before = w.sum()
+        l1_after = torch.dot(w, keep)  # |kept| summed in one pass, no masked copy
+        if l1_before >= RESCALE_EPS and l1_after >= RESCALE_EPS:
+            keep.mul_(l1_before / l1_after)
     return delta.mul_(keep.view(delta.shape))
 
 
@@ -36,11 +36,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     n = delta.numel()
     if density <= 0 or n == 0:
         return delta.zero_()
-    k = max(1, int(density * n))
     w = delta.view(-1).abs()
-    l1_before = w.sum() if rescale else None
-    keep_only(delta, top_count_mask(w, k))
-    return rescale_l1(delta, l1_before) if l1_before is not None else delta
+    return apply_mask(delta, w, top_count_mask(w, max(1, int(density * n))), rescale)
 
 
 def magnitude_outliers(
@@ -54,18 +51,16 @@ def magnitude_outliers(
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)  # fewer outliers dropped if density needs them
     w = delta.view(-1).abs()
-    l1_before = w.sum() if rescale else None
-    keep_only(delta, rank_range_mask(w, n_bottom, n_bottom + keep))
-    return rescale_l1(delta, l1_before) if l1_before is not None else delta
+    return apply_mask(delta, w, rank_range_mask(w, n_bottom, n_bottom + keep), rescale)
 
 
 def bernoulli_mask(shape: torch.Size, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Independent Bernoulli(p) draws from 16 random bits each (p rounded to 1/65536).
+    """Float 0/1 Bernoulli(p) draws from 16 random bits each (p rounded to 1/65536).
 
     Four draws per 64-bit word: 4-6x faster than torch.bernoulli, same distribution.
     """
     threshold = round(p * 65536) - 32768  # int16 draws are uniform on [-32768, 32767]
-    return random_int16(shape, generator) < threshold
+    return torch.lt(random_int16(shape, generator), threshold, out=torch.empty(shape))
 
 
 def random_int16(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
@@ -82,9 +77,8 @@ def random_drop(
     """Keep each element with probability `density` (DARE)."""
     if density >= 1:
         return delta
-    l1_before = delta.abs().sum() if rescale else None
-    keep_only(delta, bernoulli_mask(delta.shape, density, generator))
-    return rescale_l1(delta, l1_before) if l1_before is not None else delta
+    w = delta.view(-1).abs() if rescale else delta.view(-1)
+    return apply_mask(delta, w, bernoulli_mask(delta.shape, density, generator), rescale)
 
 
 def della_magprune(
@@ -116,11 +110,13 @@ def della_magprune(
     # One argsort per row, of the magnitudes' bit patterns (non-negative floats order as
     # their int32 bits, which sort faster; mergekit argsorts every row twice). Draws are
     # made in sorted order, decisions scattered back to their elements.
-    order = torch.argsort(rows.abs().view(torch.int32), dim=1)
-    keep_sorted = random_int16(rows.shape, generator) < thresholds  # (R, C)
-    keep = torch.empty(rows.shape, dtype=torch.bool).scatter_(1, order, keep_sorted)
+    magnitudes = rows.abs()  # (R, C), contiguous
+    order = row_argsort(magnitudes.view(torch.int32))
+    keep_sorted = torch.lt(
+        random_int16(rows.shape, generator), thresholds, out=torch.empty(rows.shape)
+    )
+    keep = torch.empty(rows.shape).scatter_(1, order, keep_sorted)  # (R, C)
     if delta.dim() > 2:
         keep = keep.view(delta.movedim(1, -1).shape).movedim(-1, 1)
-    l1_before = delta.abs().sum() if rescale else None
-    keep_only(delta, keep.reshape(delta.shape))
-    return rescale_l1(delta, l1_before) if l1_before is not None else delta
+    w = magnitudes.view(-1) if delta.dim() <= 2 else delta.view(-1).abs()
+    return apply_mask(delta, w, keep.reshape(delta.shape), rescale)

@@ -155,9 +155,13 @@ def sign_consensus_sum(
     """
     shape = deltas.shape[1:]
     elected = torch.ge(deltas.sum(dim=0), 0, out=torch.empty(shape)).mul_(2).sub_(1)  # ±1
-    mixed, divisor, agree = torch.zeros(shape), torch.zeros(shape), torch.empty(shape)
-    for delta, weight in zip(deltas, weights, strict=True):
+    mixed, divisor, agree = torch.empty(shape), torch.empty(shape), torch.empty(shape)
+    for index, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
         torch.gt(delta * elected, 0, out=agree)  # 1.0 where the sign agrees
+        if index == 0:  # (0 + x is x: starting from the first term skips two fills)
+            torch.mul(delta, agree if weighted else agree * weight, out=mixed)
+            torch.mul(agree, weight, out=divisor)
+            continue
         mixed.addcmul_(delta, agree, value=1.0 if weighted else weight)
         divisor.add_(agree, alpha=weight)
     return mixed, divisor
