@@ -332,10 +332,14 @@ def join_cmd(
     ttl: Annotated[
         float, typer.Option(help="Seconds an announcement lives (refreshed at ttl/3).")
     ] = 300.0,
+    summary: Annotated[
+        list[Path] | None,
+        typer.Option("--summary", help="Distribution-summary directory to serve (repeatable)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join (or start) a network: host experts, serve their tensors, announce them; Ctrl+C stops."""
-    from node.network.config import JoinConfig, hosted_experts
+    from node.network.config import JoinConfig, check_summary_dir, hosted_experts
     from node.network.node import run_join
 
     _network_logging(verbose)
@@ -349,7 +353,8 @@ def join_cmd(
             announce_maddrs=announce_maddr,
             state_dir=state_dir,
         )
-        cfg = JoinConfig(net, hosted_experts(expert, domain), ttl)  # type: ignore[arg-type]
+        summaries = tuple(check_summary_dir(p) for p in summary or [])
+        cfg = JoinConfig(net, hosted_experts(expert, domain), ttl, summaries)  # type: ignore[arg-type]
         code = run_join(cfg)
     except UserError as err:
         fail(err)

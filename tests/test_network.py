@@ -126,6 +126,18 @@ class Swarm:
     b: NodeProc
     liar: NodeProc
     tmp: Path
+    summary_dir: Path
+
+
+def build_summary(tmp: Path, model: Path) -> Path:
+    """A small distribution summary (node.fusion) of `model` over a toy corpus: 3 shards."""
+    from node.fusion.corpus import write_toy_corpus
+    from node.fusion.summaries import SummarySettings, summarize
+
+    corpus = write_toy_corpus(tmp / "corpus.jsonl", n=12, seed=3)
+    settings = SummarySettings(top_k=4, temperature=2.0, max_len=48, shard_size=4, batch_size=4)
+    summarize(model, corpus, tmp / "summary", settings, progress=False)
+    return tmp / "summary"
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +146,12 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: object) -> It
     # ~14 MB, 39 tensors: enough chunks that a provider can die mid-transfer
     src = toymodels.build_model(tmp / "expert", tokenizer=bpe_tokenizer, hidden=256, seed=3)
     copies = [shutil.copytree(src, tmp / f"copy{i}") for i in range(3)]
+    summary = build_summary(tmp, src)
     nodes: list[NodeProc] = []
     try:
-        a = start_node(tmp / "sa", "--expert", str(copies[0]), "--domain", "code")
+        a = start_node(
+            tmp / "sa", "--expert", str(copies[0]), "--domain", "code", "--summary", str(summary)
+        )
         nodes.append(a)
         ready(a)
         b = start_node(
@@ -155,7 +170,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: object) -> It
         nodes += [b, liar]
         ready(b), ready(liar)
         expert_id = load_expert(src, tmp / "cache").expert_id
-        yield Swarm(src, expert_id, a, b, liar, tmp)
+        yield Swarm(src, expert_id, a, b, liar, tmp, summary)
     finally:
         for n in nodes:
             n.terminate()  # all at once: each takes a few seconds to withdraw and stop
@@ -415,3 +430,28 @@ def test_merge_reads_a_unode_expert_from_the_network_identical_to_local(
     assert (tmp_path / "cache" / swarm.expert_id.hex() / "config.json").read_bytes() == (
         swarm.expert_dir / "config.json"
     ).read_bytes()
+
+
+def test_summary_shards_are_served_and_fetched_verified(swarm: Swarm, client: Session) -> None:
+    from node.fusion.summary_store import SummaryReader
+    from node.network.summaries import fetch_summary, find_summary_providers, load_summary
+
+    hosted = load_summary(swarm.summary_dir)
+
+    async def run() -> tuple[object, list[Path]]:
+        providers = await find_summary_providers(client.dht, NETWORK, hosted.manifest_hash)
+        assert [p.peer_id for p in providers] == [swarm.a.peer_id]
+        try:
+            return await fetch_summary(
+                await client.p2p(), providers, hosted.manifest_hash, swarm.tmp / "summ-out"
+            )
+        finally:
+            await client.close_p2p()
+
+    manifest, paths = asyncio.run(run())
+    assert manifest == hosted.manifest
+    shards = [
+        swarm.summary_dir / e["file"] for e in SummaryReader(swarm.summary_dir).manifest["shards"]
+    ]
+    assert len(paths) == len(shards) >= 2
+    assert [p.read_bytes() for p in paths] == [s.read_bytes() for s in shards]

@@ -50,6 +50,7 @@ class JoinConfig:
     net: NetworkConfig
     experts: tuple[HostedExpert, ...] = ()
     ttl: float = 300.0  # seconds an announcement lives in the DHT; refreshed at ttl/3
+    summaries: tuple[Path, ...] = ()  # distribution-summary directories (node.fusion) to serve
 
 
 def check_network(value: str) -> str:
@@ -126,3 +127,14 @@ def hosted_experts(dirs: list[Path] | None, domains: list[str] | None) -> tuple[
             )
         out.append(HostedExpert(d.resolve(), check_domain(dom)))
     return tuple(out)
+
+
+def check_summary_dir(path: Path) -> Path:
+    if not (path / "manifest.json").is_file():
+        raise UserError(
+            "--summary",
+            str(path),
+            "give a directory written by `unode summarize`",
+            problem="no summary manifest.json there",
+        )
+    return path.resolve()

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import UserError
-from node.network.client import BlobStream, FileTarget, LocalWriteError, ProviderError, ProviderLied
+from node.network.client import BlobStream, FileTarget, LocalWriteError, ProviderError
 from node.network.discovery import Provider
 from node.network.plan import Journal, Piece, header_pieces, tensor_pieces
-from node.network.pool import FetchError, ProviderPool
+from node.network.pool import FetchError, ProviderPool, fetch_manifest_record
 from protocol.content import chunk_hash, num_chunks, object_root, record_hash
 from protocol.errors import ProtocolError
 from protocol.records import TensorManifest
@@ -101,20 +101,11 @@ async def _manifest(pool: ProviderPool, expert_id: bytes, partial: Path) -> Tens
     if saved.is_file() and record_hash(saved.read_bytes()) == expert_id:
         return TensorManifest.from_bytes(saved.read_bytes())
     while True:
-        provider = pool.pick()
+        data = await fetch_manifest_record(pool, expert_id, TensorManifest.MAX_BYTES)
         try:
-            stream = await BlobStream.open(pool.p2p, await pool.connect(provider))
-            try:
-                data = await stream.get_record(expert_id, TensorManifest.MAX_BYTES)
-            finally:
-                stream.close()
             manifest = TensorManifest.from_bytes(data)
-        except ProtocolError as err:
-            pool.failed(provider, ProviderLied(f"sent a manifest that does not decode: {err}"))
-            continue
-        except ProviderError as err:
-            pool.failed(provider, err)
-            continue
+        except ProtocolError as err:  # hashes right yet does not decode: its owner signed garbage
+            raise FetchError(f"the expert's manifest does not decode: {err}") from err
         saved.write_bytes(data)
         return manifest
 

@@ -24,6 +24,7 @@ from node.network import dhtrecords
 from node.network.config import HostedExpert, JoinConfig
 from node.network.manifest import LocalExpert, load_expert
 from node.network.service import BlobServer
+from node.network.summaries import HostedSummary, load_summary, provider_record, serve_summary
 from protocol import codec
 from protocol.content import DTYPE_SIZES, record_hash
 from protocol.identity import Identity
@@ -94,6 +95,7 @@ class Hosting:
     experts: list[tuple[LocalExpert, HostedExpert]]
     _last_peer_exp: float = field(default=0.0)
     lineage: dict[bytes, bytes] = field(default_factory=dict)  # expert id -> round id (rounds)
+    summaries: list[HostedSummary] = field(default_factory=list)
 
     def validators(self) -> list[Any]:
         return list(unode_validators(self.network))
@@ -108,6 +110,8 @@ class Hosting:
             for digest, loc in expert.objects.items():
                 header = StreamHeader(digest, loc.meta, loc.nbytes, chunk, loc.chunk_hashes)
                 server.add_object(loc.path, loc.offset, header)
+        for summary in self.summaries:
+            serve_summary(server, summary)
 
     def _signed(self, identity: Identity, peer_id: str, maddrs: list[str], exp: float) -> list[Any]:
         out = []
@@ -125,6 +129,8 @@ class Hosting:
             out.append(
                 sign_record(identity, dht_key(self.network, "provider", eid), prov, expiration=exp)
             )
+        for summary in self.summaries:
+            out.append(provider_record(identity, self.network, peer_id, summary, exp))
         ids = tuple(sorted({e.expert_id for e, _ in self.experts}))
         peer = PeerRecord(peer_id, tuple(m for m in maddrs if len(m) <= 256)[:8], ids, AGENT)
         out.append(sign_record(identity, dht_key(self.network, "peers"), peer, expiration=exp))
@@ -169,7 +175,14 @@ def prepare_hosting(cfg: JoinConfig, say: Callable[[str], None]) -> Hosting:
             f"{len(expert.manifest.tensors)} tensors, {expert.manifest.total_bytes / 1e6:.1f} MB)"
         )
         experts.append((expert, h))
-    return Hosting(cfg.net.network, cfg.ttl, experts)
+    summaries = []
+    for path in cfg.summaries:
+        summary = load_summary(path)
+        say(
+            f"unode: serving summary {summary.manifest_hash.hex()} ({path}, {len(summary.shard_files)} shards)"
+        )
+        summaries.append(summary)
+    return Hosting(cfg.net.network, cfg.ttl, experts, summaries=summaries)
 
 
 def default_expert(cfg: JoinConfig, say: Callable[[str], None]) -> HostedExpert:

@@ -126,3 +126,18 @@ async def fetch_object(
         cache.give(provider, stream)
         cache.pool.succeeded(provider, nbytes)
         return
+
+
+async def fetch_manifest_record(pool: ProviderPool, digest: bytes, max_bytes: int) -> bytes:
+    """A manifest's bytes (checked against `digest`, its record hash) from the first provider
+    that delivers; liars and dead providers are dropped on the way."""
+    while True:
+        provider = pool.pick()
+        try:
+            stream = await BlobStream.open(pool.p2p, await pool.connect(provider))
+            try:
+                return await stream.get_record(digest, max_bytes)
+            finally:
+                stream.close()
+        except ProviderError as err:
+            pool.failed(provider, err)

@@ -20,9 +20,15 @@ import torch
 from node.errors import UserError
 from node.merge.io import DTYPE_NAMES, DTYPES, TensorMeta, TensorSource, bytes_view
 from node.network import discovery
-from node.network.client import BlobStream, MemoryTarget, ProviderError
+from node.network.client import MemoryTarget
 from node.network.config import NetworkConfig
-from node.network.pool import FetchError, ProviderPool, StreamCache, fetch_object
+from node.network.pool import (
+    FetchError,
+    ProviderPool,
+    StreamCache,
+    fetch_manifest_record,
+    fetch_object,
+)
 from node.network.session import Session
 from protocol.content import chunk_hashes, object_meta, object_root
 from protocol.records import TensorManifest
@@ -87,18 +93,9 @@ class NetworkSources:
 
 
 async def _manifest(pool: ProviderPool, eid: bytes) -> TensorManifest:
-    while True:
-        provider = pool.pick()
-        try:
-            stream = await BlobStream.open(pool.p2p, await pool.connect(provider))
-            try:
-                return TensorManifest.from_bytes(
-                    await stream.get_record(eid, TensorManifest.MAX_BYTES)
-                )
-            finally:
-                stream.close()
-        except ProviderError as err:
-            pool.failed(provider, err)
+    return TensorManifest.from_bytes(
+        await fetch_manifest_record(pool, eid, TensorManifest.MAX_BYTES)
+    )
 
 
 async def _side_files(cache: StreamCache, manifest: TensorManifest, meta_dir: Path) -> None:
