@@ -96,8 +96,8 @@ def _skewed(n: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", range(5), ids=["normal", "heavy", "sorted", "bf16", "zeros"])
 def test_kth_smallest_is_exact(kind: int) -> None:
-    w = _skewed(300_000)[kind].abs()
-    for rank in (1, 17, 150_000, 299_000, 300_000):
+    w = _skewed(150_000)[kind].abs()
+    for rank in (1, 17, 75_000, 149_000, 150_000):
         found = select.kth_smallest(w, rank)
         value = torch.kthvalue(w, rank).values
         assert found.value == float(value)
@@ -106,14 +106,14 @@ def test_kth_smallest_is_exact(kind: int) -> None:
 
 @pytest.mark.parametrize("kind", range(5), ids=["normal", "heavy", "sorted", "bf16", "zeros"])
 def test_masks_equal_a_stable_sort(kind: int) -> None:
-    w = _skewed(300_000)[kind].abs()
+    w = _skewed(150_000)[kind].abs()
     ascending = torch.sort(w, stable=True).indices
-    for start, stop in ((0, 1000), (120_000, 297_000), (150_000, 150_001), (299_000, 300_000)):
+    for start, stop in ((0, 1000), (60_000, 148_500), (75_000, 75_001), (149_000, 150_000)):
         expected = torch.zeros(w.numel(), dtype=torch.bool)
         expected[ascending[start:stop]] = True
         assert torch.equal(select.rank_range_mask(w, start, stop), expected.float())
     descending = torch.sort(w, descending=True, stable=True).indices
-    for k in (1, 3000, 150_000, 299_999):
+    for k in (1, 3000, 75_000, 149_999):
         expected = torch.zeros(w.numel(), dtype=torch.bool)
         expected[descending[:k]] = True
         assert torch.equal(select.top_count_mask(w, k), expected.float())
@@ -121,7 +121,7 @@ def test_masks_equal_a_stable_sort(kind: int) -> None:
 
 @pytest.mark.parametrize("kind", [0, 1, 2])  # no ties: mergekit's choice is then unique
 def test_magnitude_and_outliers_equal_mergekit_on_large_tensors(kind: int) -> None:
-    delta = _skewed(300_000)[kind].view(600, 500)
+    delta = _skewed(150_000)[kind].view(300, 500)
     for density in (0.1, 0.5, 0.9):
         ours = sparsify.magnitude(delta.clone(), density, rescale=True)
         theirs = mergekit_sparsify.magnitude(delta, density, mergekit_sparsify.RescaleNorm.l1)
@@ -132,10 +132,10 @@ def test_magnitude_and_outliers_equal_mergekit_on_large_tensors(kind: int) -> No
 
 
 def test_selection_with_ties_keeps_mergekits_count_and_untied_choices() -> None:
-    delta = _skewed(200_000)[3]  # bf16 grid: many equal magnitudes at every cut
+    delta = _skewed(100_000)[3]  # bf16 grid: many equal magnitudes at every cut
     ours = sparsify.magnitude(delta.clone(), 0.3, rescale=False)
     theirs = mergekit_sparsify.magnitude(delta, 0.3, None)
-    assert torch.count_nonzero(ours) == torch.count_nonzero(theirs) == 60_000
+    assert torch.count_nonzero(ours) == torch.count_nonzero(theirs) == 30_000
     cut = ours.abs()[ours != 0].min()
     untied = delta.abs() != cut
     assert torch.equal(ours[untied], theirs[untied])
@@ -148,6 +148,7 @@ def test_dare_keeps_density_and_rescaled_expectation() -> None:
     delta = torch.randn(400_000, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(0)
     ours = sparsify.random_drop(delta.clone(), 0.3, rescale=True, generator=g)
+    torch.manual_seed(0)  # mergekit draws from the global generator
     theirs = mergekit_sparsify.bernoulli(delta, 0.3, mergekit_sparsify.RescaleNorm.l1)
     for result in (ours, theirs):
         assert abs(float(torch.count_nonzero(result)) / delta.numel() - 0.3) < 0.005
@@ -171,6 +172,7 @@ def test_della_keep_probability_rises_with_rank_like_mergekit() -> None:
     delta = torch.randn(400, 1000, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(0)
     ours = sparsify.della_magprune(delta.clone(), 0.5, 0.2, rescale=True, generator=g)
+    torch.manual_seed(0)  # mergekit draws from the global generator
     theirs = mergekit_sparsify.della_magprune(delta, 0.5, 0.2, mergekit_sparsify.RescaleNorm.l1)
     expected = 0.3 + 0.4 * (torch.arange(10) + 0.5) / 10  # linear in rank, 0.3 .. 0.7
     torch.testing.assert_close(_kept_by_decile(ours, delta), expected, atol=0.01, rtol=0)
