@@ -171,3 +171,26 @@ def test_every_deterministic_method_has_a_parity_case() -> None:
     randomized = {"dare_ties", "dare_linear", "della", "della_linear"}
     assert {c[0] for c in CASES} == set(method_names()) - randomized
     assert set(method_names()) == {m.spec.name for m in mergekit_methods.registered_methods()}
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_parameters_and_input_rules_match_mergekit(name: str) -> None:
+    """Names, defaults, scopes (shared / per model / per model with the base) and contracts."""
+    ours_method = get_method(name)
+    spec = mergekit_methods.get(name).spec
+    theirs = {p.name: (None if p.required else p.default, p.scope.value) for p in spec.parameters}
+    mine = {
+        p.name: (None if p.required else p.default, "shared") for p in ours_method.global_params
+    }
+    for p in ours_method.model_params:
+        mine[p.name] = (
+            None if p.required else p.default,
+            "input" if p.applies_to_base else "non_base",
+        )
+    assert mine == theirs
+    rule, contract = ours_method.inputs, spec.contract
+    assert rule.base == contract.base.value
+    assert ours_method.requires_base == (contract.base.value == "required")
+    assert (rule.min_inputs, rule.max_inputs) == (contract.min_inputs, contract.max_inputs)
+    assert rule.min_non_base == (contract.min_non_base or 0)
+    assert rule.max_non_base == contract.max_non_base
