@@ -67,6 +67,13 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
 
 def check_same_vocab(dirs: dict[str, Path]) -> None:
     """Without a tokenizer setting every model must share one vocabulary."""
+    files = {
+        (d / "tokenizer.json").read_bytes()
+        for d in dirs.values()
+        if (d / "tokenizer.json").is_file()
+    }
+    if len(files) < 2:  # identical files (the usual case for fine-tunes): nothing to parse
+        return
     vocabs = {k: v for k, d in dirs.items() if (v := tokenizer_vocab(d)) is not None}
     if len(vocabs) < 2:
         return
