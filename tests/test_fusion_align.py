@@ -84,6 +84,15 @@ def test_dp_alignment_on_the_hand_made_cases() -> None:
     assert a.src_row.tolist() == [-1, -1, 1, 2]
 
 
+def test_dp_leaves_text_beyond_a_cut_source_uncovered() -> None:
+    a = align_dp(["\x00<bos>", "hel", "lo"], ["\x00<bos>", "hello", " world", "\x00<eos>"])
+    assert a.kind.tolist() == [ONE_HOT, UNCOVERED, UNCOVERED]
+    full = align_dp(
+        ["\x00<bos>", "hello", " world", "\x00<eos>"], ["\x00<bos>", "hello", " world", "\x00<eos>"]
+    )
+    assert full.kind.tolist() == [ONE_TO_ONE] * 3
+
+
 def test_dtw_matrix_equals_the_plain_recurrence() -> None:
     cost = np.random.default_rng(0).integers(0, 6, size=(23, 31))
     n, m = cost.shape

@@ -143,6 +143,30 @@ def test_dp_alignment_and_stats_mapping_give_a_close_dataset(env: Any, bpe_token
     assert all(np.allclose(c.probs.sum(1), 1.0, atol=1e-5) for ex in data for c in ex.cands)
 
 
+def test_source_without_offsets_is_aligned_by_dp(
+    env: Any, tmp_path: Path, bpe_tokenizer: Any
+) -> None:
+    """A byte-per-token Python tokenizer (ByT5's) gives no offsets: the DP takes over."""
+    from transformers import ByT5Tokenizer
+
+    from node import toymodels
+    from node.fusion.summary_store import SummaryReader
+
+    model = toymodels.build_model(tmp_path / "byt5", "llama", ByT5Tokenizer(), hidden=32, layers=2)
+    summarize(model, env.corpus, tmp_path / "s", SummarySettings(top_k=4, max_len=200))
+    assert not SummaryReader(tmp_path / "s").has_offsets
+    kw: dict[str, Any] = dict(cache_dir=env.cache_dir, progress=False)
+    data, reports = build_dataset(bpe_tokenizer, env.corpus, [tmp_path / "s"], 96, **kw)
+    diag = reports[0].diagnostics
+    assert diag["share_one_to_one"] > 0.1 and diag["share_uncovered"] > 0.0
+    # rows that got the source's distribution hold valid target ids wherever they hold mass
+    cand = data[0].cands[0]
+    rows = np.nonzero(cand.probs[:, 0] < 1.0)[0]
+    held = cand.probs[rows] > 0
+    assert len(rows) and (cand.ids[rows][held] >= 0).all()
+    assert (cand.ids[rows][held] < len(bpe_tokenizer)).all()
+
+
 def test_training_lowers_the_fusion_loss_and_output_loads(env: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

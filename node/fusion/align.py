@@ -124,8 +124,23 @@ def dtw_path(acc: np.ndarray) -> list[tuple[int, int]]:
     return path
 
 
+def covered_tokens(src_texts: list[str], tgt_texts: list[str]) -> int:
+    """How many leading target tokens lie within the text the source tokens spell (canonical
+    texts are one character per byte; specials, marked by a leading NUL, count zero)."""
+
+    def size(t: str) -> int:
+        return 0 if t.startswith("\x00") else len(t)
+
+    src_len = sum(size(t) for t in src_texts)
+    ends = np.cumsum([size(t) for t in tgt_texts])
+    return int(np.searchsorted(ends, src_len, side="right"))
+
+
 def align_dp(src_texts: list[str], tgt_texts: list[str]) -> Alignment:
     """Fallback when a tokenizer gives no offsets: FuseLLM's DTW over token texts.
+
+    Target tokens beyond the source's text (a source cut at max_len) are UNCOVERED and left out
+    of the DP, so they cannot pile onto the source's last token.
 
     A target token is ONE_TO_ONE when the path pairs it with exactly one source token and both
     are the same text (FuseLLM's rule), each source token serving one target token at most.
@@ -133,10 +148,14 @@ def align_dp(src_texts: list[str], tgt_texts: list[str]) -> Alignment:
     n = len(tgt_texts) - 1
     if n <= 0 or not src_texts:
         return Alignment(np.full(max(n, 0), -1, np.int64), np.full(max(n, 0), ONE_HOT, np.int8))
-    path = dtw_path(dtw_matrix(dtw_cost(src_texts, tgt_texts)))
+    cut = max(covered_tokens(src_texts, tgt_texts), 1)
+    if src_texts[-1].startswith("\x00<eos>") or cut >= len(tgt_texts):
+        cut = len(tgt_texts)  # the source saw the whole text
+    path = dtw_path(dtw_matrix(dtw_cost(src_texts, tgt_texts[:cut])))
     tgt_count = np.bincount([p[1] for p in path], minlength=len(tgt_texts))
     src_row = np.full(n, -1, np.int64)
     kind = np.full(n, ONE_HOT, np.int8)
+    kind[max(cut - 1, 0) :] = UNCOVERED
     used: set[int] = set()
     for s, t in path:
         single = t >= 1 and s >= 1 and tgt_count[t] == 1 and s not in used

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Scheme = Literal["bytelevel", "metaspace", "plain"]
+Scheme = Literal["bytelevel", "metaspace", "bytechars", "plain"]
 BOS_TEXT, EOS_TEXT = "\x00<bos>", "\x00<eos>"  # canonical text of special tokens (never in a vocab)
 
 
@@ -45,11 +45,11 @@ def encode(tokenizer: Any, text: str, max_len: int) -> Encoded:
     """Tokenize `text` without the tokenizer's own specials, then add BOS/EOS with explicit spans."""
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, has_offsets = list(enc["input_ids"]), True
-        spans = [tuple(o) for o in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError):  # slow tokenizers have no offsets
-        ids, has_offsets = list(tokenizer(text, add_special_tokens=False)["input_ids"]), False
-        spans = [(0, 0)] * len(ids)
+    except (NotImplementedError, ValueError):  # some Python tokenizers refuse offsets
+        enc = tokenizer(text, add_special_tokens=False)
+    ids = list(enc["input_ids"])
+    has_offsets = "offset_mapping" in enc  # others silently return none
+    spans = [tuple(o) for o in enc["offset_mapping"]] if has_offsets else [(0, 0)] * len(ids)
     if tokenizer.bos_token_id is not None:
         ids, spans = [tokenizer.bos_token_id, *ids], [(0, 0), *spans]
     if tokenizer.eos_token_id is not None:
@@ -66,7 +66,11 @@ def scheme_of(tokenizer: Any) -> Scheme:
     """Which word-boundary convention the vocabulary strings use."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return "metaspace" if "▁" in "".join(list(tokenizer.get_vocab())[:2000]) else "plain"
+        special = set(getattr(tokenizer, "all_special_tokens", []))
+        plain = [t for t in tokenizer.get_vocab() if t not in special and not t.startswith("<")]
+        if plain and all(len(t) == 1 and ord(t) < 256 for t in plain):
+            return "bytechars"  # one token per byte, spelled chr(byte) (ByT5)
+        return "metaspace" if "▁" in "".join(plain[:2000]) else "plain"
     spec = json.loads(backend.to_str())
     blob = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer")])
     if "ByteLevel" in blob:
@@ -98,6 +102,8 @@ def canonical_text(token: str, scheme: Scheme) -> str:
         if all(ch in table for ch in token):
             return bytes(table[ch] for ch in token).decode("latin-1")
         return token.encode("utf-8").decode("latin-1")
+    if scheme == "bytechars" and len(token) == 1 and ord(token) < 256:
+        return token
     if token.startswith("<0x") and token.endswith(">") and len(token) == 6:
         return bytes([int(token[3:5], 16)]).decode("latin-1")  # SentencePiece byte fallback
     if scheme == "metaspace":
