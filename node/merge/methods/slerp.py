@@ -21,15 +21,18 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     norm1 = torch.linalg.vector_norm(v1)
     norm0 = torch.where(norm0 > NORM_EPS, norm0, 1)
     norm1 = torch.where(norm1 > NORM_EPS, norm1, 1)
-    dot = torch.dot((v0 / norm0).view(-1), (v1 / norm1).view(-1)).clamp(-1, 1)
+    # cos from the raw dot product: no normalized copies (mergekit normalizes first, to
+    # avoid overflow in fp16; fp32 inputs cannot overflow a dot of weights).
+    dot = (torch.dot(v0.reshape(-1), v1.reshape(-1)) / (norm0 * norm1)).clamp(-1, 1)
     t_ = torch.tensor(t, dtype=torch.float32)
     if dot.abs() > DOT_THRESHOLD:
-        return (1 - t_) * v0 + t_ * v1
-    theta = torch.acos(dot)
-    sin_theta = torch.sin(theta)
-    coef0 = torch.sin((1 - t_) * theta) / sin_theta
-    coef1 = torch.sin(t_ * theta) / sin_theta
-    return coef0 * v0 + coef1 * v1
+        coef0, coef1 = 1 - t_, t_
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef0 = torch.sin((1 - t_) * theta) / sin_theta
+        coef1 = torch.sin(t_ * theta) / sin_theta
+    return torch.mul(v0, float(coef0)).add_(v1, alpha=float(coef1))
 
 
 class SlerpMerge:
