@@ -385,6 +385,9 @@ def fetch_cmd(
     except FetchError as err:
         typer.echo(f"\nerror: fetch incomplete, re-run the same command to resume: {err}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: re-run the same command to resume", err=True)
+        raise typer.Exit(130) from None
     bar.close()
     mbps = report.fetched_bytes / max(report.seconds, 1e-9) / 1e6
     typer.echo(

@@ -49,7 +49,7 @@ class NodeProc:
     maddr: str = ""
     family: list[int] = field(default_factory=list)  # pids below it once ready
 
-    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
+    def wait_for(self, prefix: str, timeout: float = 150.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -202,7 +202,7 @@ def test_experts_lists_the_hosted_expert_with_its_providers(swarm: Swarm) -> Non
         [UNODE, "experts", "--network", NETWORK, "--initial-peers", swarm.a.maddr, "--json"],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr
     experts = json.loads(out.stdout)
@@ -229,7 +229,7 @@ def test_fetch_cli_rebuilds_a_bit_identical_directory(swarm: Swarm) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr
     assert "all chunks verified" in out.stdout

@@ -18,6 +18,7 @@ from node.network.service import BlobServer
 from node.network.session import Session, run_async
 
 log = logging.getLogger(__name__)
+WITHDRAW_TIMEOUT = 5.0
 READY_PREFIX = "UNODE_READY"  # one machine-readable line once the node serves and is announced
 
 
@@ -82,7 +83,12 @@ async def _serve(
     if rounds is not None:
         rounds.cancel()
     out("unode: stopping: withdrawing announcements")
-    await hosting.withdraw(session)
+    try:  # bounded: a stop must not hang on an unreachable network (records expire anyway)
+        await asyncio.wait_for(hosting.withdraw(session), WITHDRAW_TIMEOUT)
+    except TimeoutError:
+        log.warning(
+            "withdrawal timed out after %.0f s; announcements will expire", WITHDRAW_TIMEOUT
+        )
     await session.close_p2p()
 
 
