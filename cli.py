@@ -599,6 +599,52 @@ def _import_progress(msg: str) -> None:
     typer.echo(f"import: {msg}", err=True)
 
 
+@round_app.command("search")
+def round_search_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Starting recipe; models are unode://<expert id>.")],
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    budget: Annotated[int, typer.Option(help="Candidates to evaluate in total.")] = 16,
+    population: Annotated[int, typer.Option(help="CMA-ES population per generation.")] = 4,
+    groups: Annotated[int, typer.Option(help="Layer groups (per module class) searched.")] = 2,
+    sigma: Annotated[float, typer.Option(help="CMA-ES initial step size.")] = 0.15,
+    scorers: Annotated[int, typer.Option(help="Peers that must score each candidate.")] = 1,
+    score_timeout: Annotated[float, typer.Option(help="Seconds to wait for a generation's scores.")] = 300.0,
+    merge_best: Annotated[bool, typer.Option("--merge/--no-merge", help="Run a merge round for the best recipe.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Write the best recipe (YAML) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Evolutionary layer-wise search (CMA-ES): peers score candidate recipes on their own
+    held-out data; the best recipe is merged in a round and announced as an expert."""
+    import json
+
+    import yaml
+
+    from node.rounds.propose import MergeRoundConfig, load_round_recipe
+    from node.rounds.search import SearchConfig, run_search
+
+    _network_logging(verbose)
+    try:
+        rec = load_round_recipe(recipe)
+        cfg = SearchConfig(
+            rec, budget=int(_round_check("--budget", budget, 1, 10000)),
+            population=int(_round_check("--population", population, 2, 1000)),
+            groups=int(_round_check("--groups", groups, 1, 1000)), sigma=_round_check("--sigma", sigma, 1e-4, 10),
+            scorers=int(_round_check("--scorers", scorers, 1, 1000)), score_timeout=score_timeout,
+            merge=MergeRoundConfig(rec, name="searched") if merge_best else None,
+        )  # fmt: skip
+        result = run_search(_net_config(network, initial_peers), cfg, typer.echo)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    if out is not None:
+        out.write_text(yaml.safe_dump(result["best_recipe"], sort_keys=False))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}; expert {result['expert_id']}")
+
+
 # --- eval (node/eval) -------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNODE = str(ROOT / ".venv" / "bin" / "unode")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 FAST = {"UNODE_ROUND_POLL": "0.3"}
+SCORER = {"UNODE_EVAL_DOMAINS": "prose", "UNODE_EVAL_N": "8"}  # held-out data of nodes 0 and 1
 
 
 @dataclass
@@ -148,12 +150,15 @@ def make_swarm(tmp: Path, family: Any, network: str, envs: list[dict[str, str]] 
     dirs = [shutil.copytree(p, tmp / f"in{i}") for i, p in enumerate([family.base, *family.variants[:2]])]
     ids = [expert_id(d, tmp / "idcache") for d in dirs]
     nodes: list[Node] = []
-    envs = envs or [{}, {}, {}]
+    envs = envs or [SCORER, SCORER, {}]
     try:
-        for i, d in enumerate(dirs):
-            peers = ["--initial-peers", nodes[0].maddr] if nodes else []
-            nodes.append(start(tmp / f"s{i}", network, *peers, "--expert", str(d), "--domain",
-                               "general", env=envs[i]))  # fmt: skip
+        nodes.append(start(tmp / "s0", network, "--expert", str(dirs[0]), "--domain", "general", env=envs[0]))
+        with ThreadPoolExecutor(2) as pool:  # the others join at once
+            more = [pool.submit(start, tmp / f"s{i}", network, "--initial-peers", nodes[0].maddr,
+                                "--expert", str(dirs[i]), "--domain", "general", env=envs[i])
+                    for i in (1, 2)]  # fmt: skip
+            for f in more:
+                nodes.append(f.result())
     except BaseException:
         for n in nodes:
             n.stop(signal.SIGKILL)
@@ -228,7 +233,7 @@ def test_killed_worker_round_completes_and_restart_resumes(swarm: Swarm, local_m
     slow = start(state, swarm.network, "--initial-peers", swarm.nodes[0].maddr, "--expert", str(copy),
                  "--domain", "general", env={"UNODE_TEST_UNIT_DELAY": "120"})  # fmt: skip
     swarm.nodes.append(slow)
-    proc = propose(swarm, "--units", "12", "--claim-ttl", "4", "--verify-rate", "0", background=True)
+    proc = propose(swarm, "--units", "8", "--claim-ttl", "4", "--verify-rate", "0", background=True)
     line = slow.wait_for("computed, waiting", timeout=60)
     slow.stop(signal.SIGKILL)  # dies holding a claim, its finished unit never published
     out = finish(swarm, proc)
@@ -250,7 +255,7 @@ def test_wrong_unit_detected_and_redone(swarm: Swarm, local_merge: dict[str, byt
                  "--expert", str(swarm.dirs[1]), "--domain", "general",
                  env={"UNODE_TEST_WRONG_UNITS": "1"})  # fmt: skip
     swarm.nodes.append(liar)
-    out = propose(swarm, "--units", "8", "--verify-rate", "1", "--claim-ttl", "30")
+    out = propose(swarm, "--units", "6", "--verify-rate", "1", "--claim-ttl", "30")
     rid = out["round_id"]
     liar_units = liar.text().count(f"round {rid[:12]}: unit ")
     assert liar_units >= 1, liar.text()[-2000:]
@@ -261,3 +266,29 @@ def test_wrong_unit_detected_and_redone(swarm: Swarm, local_merge: dict[str, byt
     for n in honest:
         assert tensors(round_expert(n, rid)) == local_merge
     assert out["expert_id"] == expert_id(round_expert(honest[0], rid), swarm.tmp / "ids")
+    liar.stop()
+
+
+def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
+    start_recipe = recipe(*(f"unode://{i}" for i in swarm.ids))
+    start_recipe["merge_method"] = "task_arithmetic"  # weights 1.0 each: a poor start
+    for m in start_recipe["models"]:
+        m["parameters"] = {"weight": 1.0}
+    path = swarm.tmp / "search.yml"
+    path.write_text(yaml.safe_dump(start_recipe))
+    res = subprocess.run([UNODE, "round", "search", str(path), "--network", swarm.network,
+                          "--initial-peers", swarm.nodes[0].maddr, "--budget", "8", "--population", "4",
+                          "--groups", "2", "--sigma", "0.3", "--json", "--out", str(swarm.tmp / "best.yml")],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, **FAST})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout[res.stdout.index("{\n") :])
+    assert out["evaluated"] == 8 and len(out["history"]) == 8
+    assert out["best_score"] < out["start_score"]
+    best = yaml.safe_load((swarm.tmp / "best.yml").read_text())
+    attn = best["models"][0]["parameters"]["weight"][0]
+    assert attn["filter"] == "self_attn" and len(attn["value"]["layers"]) == 4
+    rid = out["round_id"]
+    done = [n for n in swarm.nodes if f"UNODE_ROUND_DONE round={rid}" in n.text()]
+    assert done and out["expert_id"]
+    scored = [n for n in swarm.nodes if "scored candidate" in n.text()]
+    assert len(scored) >= 1

@@ -73,8 +73,7 @@ class MergeRun:
             await records.result(self.node.dht, self.node.identity, self.node.network, self.rid,
                                  u, self.mine[u], 0)  # fmt: skip
         self.unpublished.clear()
-        views = {u: await records.unit_view(self.node.dht, self.node.network, self.rid, u)
-                 for u in range(len(self.spec.units))}  # fmt: skip
+        views = await records.round_view(self.node.dht, self.node.network, self.rid, len(self.spec.units))
         accepted, conflicts = self._judge(views)
         if len(accepted) == len(self.spec.units) and not self._to_verify(accepted):
             await self._assemble(accepted)

@@ -120,8 +120,7 @@ class RoundNode:
 
     async def _claimants(self, p: RoundProposal) -> list[bytes]:
         owners: list[bytes] = []
-        for u in range(p.n_units):
-            view = await records.unit_view(self.dht, self.network, p.round_id, u)
+        for view in (await records.round_view(self.dht, self.network, p.round_id, p.n_units)).values():
             owners += [*view.claims, *view.results]
         return owners
 

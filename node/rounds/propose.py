@@ -36,6 +36,7 @@ from protocol.signing import sign_record
 from protocol.validators import unode_validators
 
 T = TypeVar("T")
+GRACE = 1.5  # seconds to let every assembler announce before picking the most-served expert
 Say = Callable[[str], None]
 
 
@@ -136,14 +137,19 @@ async def build_spec(session: Session, net: NetworkConfig, cfg: MergeRoundConfig
     return spec, proposal
 
 
-async def publish_round(session: Session, net: NetworkConfig, spec: RoundSpec, proposal: RoundProposal) -> BlobServer:
+async def start_server(session: Session, network: str) -> BlobServer:
+    """Serve round specs from this proposer (announced in a PeerRecord)."""
     server = BlobServer()
-    server.add_record(proposal.recipe_hash, spec.to_bytes())
     await server.start(await session.p2p())
-    await announce_self(session, net.network)
+    await announce_self(session, network)
+    return server
+
+
+async def publish_round(session: Session, net: NetworkConfig, server: BlobServer, spec: RoundSpec,
+                        proposal: RoundProposal) -> None:  # fmt: skip
+    server.add_record(proposal.recipe_hash, spec.to_bytes())
     assert session.identity is not None
     await records.propose(session.dht, session.identity, net.network, proposal)
-    return server
 
 
 async def wait_for_expert(session: Session, network: str, rid: bytes, timeout: float, say: Say) -> str:
@@ -154,7 +160,7 @@ async def wait_for_expert(session: Session, network: str, rid: bytes, timeout: f
         found = [k for k in await list_experts(session.dht, network) if k.card.lineage == rid]
         if found:
             first = first or time.monotonic()
-            if time.monotonic() - first >= 3.0:
+            if time.monotonic() - first >= GRACE:
                 best = max(found, key=lambda k: len(k.owners))
                 return best.card.expert_id.hex()
         await asyncio.sleep(1.0)
@@ -180,7 +186,8 @@ def run_merge_round(net: NetworkConfig, cfg: MergeRoundConfig, wait: bool, timeo
 
     async def work(session: Session, tmp: Path) -> dict[str, Any]:
         spec, proposal = await build_spec(session, net, cfg, tmp / "experts")
-        server = await publish_round(session, net, spec, proposal)
+        server = await start_server(session, net.network)
+        await publish_round(session, net, server, spec, proposal)
         rid = proposal.round_id
         say(f"unode: proposed round {rid.hex()} ({len(spec.units)} units, method {proposal.method})")
         out: dict[str, Any] = {"round_id": rid.hex(), "units": len(spec.units), "expert_id": None}

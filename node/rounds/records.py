@@ -6,6 +6,7 @@ schema); the state below is what one node can prove from signed records.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,13 +76,23 @@ class UnitView:
 async def unit_view(dht: Any, network: str, rid: bytes, unit: int) -> UnitView:
     view = UnitView()
     now = get_dht_time()
-    for v in await dhtrecords.get_verified(dht, dht_key(network, "claim", rid, unit), WorkClaim):
+    claims, results = await asyncio.gather(
+        dhtrecords.get_verified(dht, dht_key(network, "claim", rid, unit), WorkClaim),
+        dhtrecords.get_verified(dht, dht_key(network, "result", rid, unit), UnitResult),
+    )
+    for v in claims:
         if v.envelope.expiration > now:
             view.claims[v.envelope.owner] = v.envelope.seq
-    for r in await dhtrecords.get_verified(dht, dht_key(network, "result", rid, unit), UnitResult):
+    for r in results:
         view.results[r.envelope.owner] = r.record.result_hash
         view.result_ms[r.envelope.owner] = r.record.elapsed_ms
     return view
+
+
+async def round_view(dht: Any, network: str, rid: bytes, n_units: int) -> dict[int, UnitView]:
+    """Every unit's view, looked up concurrently."""
+    views = await asyncio.gather(*(unit_view(dht, network, rid, u) for u in range(n_units)))
+    return dict(enumerate(views))
 
 
 def peer_of(owner: bytes) -> str:

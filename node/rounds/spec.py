@@ -30,6 +30,7 @@ class RoundSpec:
     verify_rate: float = 0.25  # share of other workers' units each worker recomputes
     name: str = "merged"
     domain: str = "general"
+    candidates: tuple[dict[str, Any], ...] = ()  # search mode: the recipes peers score
 
     def to_bytes(self) -> bytes:
         return codec.encode(
@@ -42,6 +43,7 @@ class RoundSpec:
                 "verify_rate": float(self.verify_rate),
                 "name": self.name,
                 "domain": self.domain,
+                "candidates": list(self.candidates),
             },
             max_bytes=MAX_SPEC_BYTES,
         )
@@ -65,6 +67,7 @@ class RoundSpec:
                 verify_rate=float(value["verify_rate"]),
                 name=str(value["name"]),
                 domain=str(value["domain"]),
+                candidates=tuple(dict(c) for c in value["candidates"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"malformed round spec: {err}") from None
@@ -73,6 +76,11 @@ class RoundSpec:
         if not 1.0 <= spec.claim_ttl <= 3600.0:
             raise ProtocolError("round spec claim_ttl out of range")
         return spec
+
+
+def candidate_id(recipe: dict[str, Any]) -> bytes:
+    """A candidate recipe's id (the `candidate` of its Score records)."""
+    return record_hash(codec.encode(recipe, max_bytes=MAX_SPEC_BYTES))
 
 
 def expert_refs(recipe: dict[str, Any]) -> list[str]:
