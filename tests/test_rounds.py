@@ -14,9 +14,9 @@ import shutil
 import signal
 import subprocess
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,9 +78,25 @@ class Node:
 
 
 def start(state: Path, network: str, *args: str, env: dict[str, str] | None = None) -> Node:
-    cmd = [UNODE, "join", "--network", network, "--host-maddr", LOOPBACK, "--state-dir", str(state), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **FAST, **(env or {})}, start_new_session=True)  # fmt: skip
+    cmd = [
+        UNODE,
+        "join",
+        "--network",
+        network,
+        "--host-maddr",
+        LOOPBACK,
+        "--state-dir",
+        str(state),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **FAST, **(env or {})},
+        start_new_session=True,
+    )
     node = Node(proc, state)
 
     def pump() -> None:
@@ -96,8 +112,9 @@ def start(state: Path, network: str, *args: str, env: dict[str, str] | None = No
 
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([UNODE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **FAST})  # fmt: skip
+    return subprocess.run(
+        [UNODE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **FAST}
+    )
 
 
 def expert_id(model_dir: Path, cache: Path) -> str:
@@ -146,17 +163,36 @@ class Swarm:
         return out
 
 
-def make_swarm(tmp: Path, family: Any, network: str, envs: list[dict[str, str]] | None = None) -> Swarm:
-    dirs = [shutil.copytree(p, tmp / f"in{i}") for i, p in enumerate([family.base, *family.variants[:2]])]
+def make_swarm(
+    tmp: Path, family: Any, network: str, envs: list[dict[str, str]] | None = None
+) -> Swarm:
+    dirs = [
+        shutil.copytree(p, tmp / f"in{i}")
+        for i, p in enumerate([family.base, *family.variants[:2]])
+    ]
     ids = [expert_id(d, tmp / "idcache") for d in dirs]
     nodes: list[Node] = []
     envs = envs or [SCORER, SCORER, {}]
     try:
-        nodes.append(start(tmp / "s0", network, "--expert", str(dirs[0]), "--domain", "general", env=envs[0]))
+        nodes.append(
+            start(tmp / "s0", network, "--expert", str(dirs[0]), "--domain", "general", env=envs[0])
+        )
         with ThreadPoolExecutor(2) as pool:  # the others join at once
-            more = [pool.submit(start, tmp / f"s{i}", network, "--initial-peers", nodes[0].maddr,
-                                "--expert", str(dirs[i]), "--domain", "general", env=envs[i])
-                    for i in (1, 2)]  # fmt: skip
+            more = [
+                pool.submit(
+                    start,
+                    tmp / f"s{i}",
+                    network,
+                    "--initial-peers",
+                    nodes[0].maddr,
+                    "--expert",
+                    str(dirs[i]),
+                    "--domain",
+                    "general",
+                    env=envs[i],
+                )
+                for i in (1, 2)
+            ]
             for f in more:
                 nodes.append(f.result())
     except BaseException:
@@ -175,10 +211,24 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, llama_family: Any) -> Iterat
 
 
 def propose(s: Swarm, *extra: str, background: bool = False) -> Any:
-    args = [UNODE, "round", "merge", str(s.recipe_file("r")), "--network", s.network,
-            "--initial-peers", s.nodes[0].maddr, "--wait", "--json", "--timeout", "150", *extra]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **FAST})  # fmt: skip
+    args = [
+        UNODE,
+        "round",
+        "merge",
+        str(s.recipe_file("r")),
+        "--network",
+        s.network,
+        "--initial-peers",
+        s.nodes[0].maddr,
+        "--wait",
+        "--json",
+        "--timeout",
+        "150",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **FAST}
+    )
     if background:
         return proc
     return finish(s, proc)
@@ -209,7 +259,9 @@ def local_merge(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return tensors(swarm.local_merge(tmp_path_factory.mktemp("local") / "out"))
 
 
-def test_merge_round_bit_identical_to_local_merge(swarm: Swarm, local_merge: dict[str, bytes], tmp_path: Path) -> None:
+def test_merge_round_bit_identical_to_local_merge(
+    swarm: Swarm, local_merge: dict[str, bytes], tmp_path: Path
+) -> None:
     out = propose(swarm, "--verify-rate", "0.5", "--claim-ttl", "30")
     rid, eid = out["round_id"], out["expert_id"]
     assert out["units"] == 4 and eid
@@ -227,11 +279,22 @@ def test_merge_round_bit_identical_to_local_merge(swarm: Swarm, local_merge: dic
     assert "rejected unit" not in "".join(n.text() for n in swarm.nodes)
 
 
-def test_killed_worker_round_completes_and_restart_resumes(swarm: Swarm, local_merge: dict[str, bytes], tmp_path: Path) -> None:
+def test_killed_worker_round_completes_and_restart_resumes(
+    swarm: Swarm, local_merge: dict[str, bytes], tmp_path: Path
+) -> None:
     state = swarm.tmp / "slow"
     copy = swarm.dirs[0]  # hosts a copy of the base: any node may host any expert
-    slow = start(state, swarm.network, "--initial-peers", swarm.nodes[0].maddr, "--expert", str(copy),
-                 "--domain", "general", env={"UNODE_TEST_UNIT_DELAY": "120"})  # fmt: skip
+    slow = start(
+        state,
+        swarm.network,
+        "--initial-peers",
+        swarm.nodes[0].maddr,
+        "--expert",
+        str(copy),
+        "--domain",
+        "general",
+        env={"UNODE_TEST_UNIT_DELAY": "120"},
+    )
     swarm.nodes.append(slow)
     proc = propose(swarm, "--units", "8", "--claim-ttl", "4", "--verify-rate", "0", background=True)
     line = slow.wait_for("computed, waiting", timeout=60)
@@ -242,8 +305,16 @@ def test_killed_worker_round_completes_and_restart_resumes(swarm: Swarm, local_m
     for n in done_nodes(swarm, rid):
         assert tensors(round_expert(n, rid)) == local_merge
     # the restarted worker resumes from its state dir: its computed unit is not lost
-    again = start(state, swarm.network, "--initial-peers", swarm.nodes[0].maddr, "--expert", str(copy),
-                  "--domain", "general")  # fmt: skip
+    again = start(
+        state,
+        swarm.network,
+        "--initial-peers",
+        swarm.nodes[0].maddr,
+        "--expert",
+        str(copy),
+        "--domain",
+        "general",
+    )
     swarm.nodes.append(again)
     again.wait_for(f"round {rid[:12]}: resumed 1 units", timeout=30)
     done = again.wait_for(f"UNODE_ROUND_DONE round={rid}", timeout=60)
@@ -251,9 +322,17 @@ def test_killed_worker_round_completes_and_restart_resumes(swarm: Swarm, local_m
 
 
 def test_wrong_unit_detected_and_redone(swarm: Swarm, local_merge: dict[str, bytes]) -> None:
-    liar = start(swarm.tmp / "liar", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
-                 "--expert", str(swarm.dirs[1]), "--domain", "general",
-                 env={"UNODE_TEST_WRONG_UNITS": "1"})  # fmt: skip
+    liar = start(
+        swarm.tmp / "liar",
+        swarm.network,
+        "--initial-peers",
+        swarm.nodes[0].maddr,
+        "--expert",
+        str(swarm.dirs[1]),
+        "--domain",
+        "general",
+        env={"UNODE_TEST_WRONG_UNITS": "1"},
+    )
     swarm.nodes.append(liar)
     out = propose(swarm, "--units", "6", "--verify-rate", "1", "--claim-ttl", "30")
     rid = out["round_id"]
@@ -276,10 +355,33 @@ def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
         m["parameters"] = {"weight": 1.0}
     path = swarm.tmp / "search.yml"
     path.write_text(yaml.safe_dump(start_recipe))
-    res = subprocess.run([UNODE, "round", "search", str(path), "--network", swarm.network,
-                          "--initial-peers", swarm.nodes[0].maddr, "--budget", "8", "--population", "4",
-                          "--groups", "2", "--sigma", "0.3", "--json", "--out", str(swarm.tmp / "best.yml")],
-                         capture_output=True, text=True, timeout=240, env={**os.environ, **FAST})  # fmt: skip
+    res = subprocess.run(
+        [
+            UNODE,
+            "round",
+            "search",
+            str(path),
+            "--network",
+            swarm.network,
+            "--initial-peers",
+            swarm.nodes[0].maddr,
+            "--budget",
+            "8",
+            "--population",
+            "4",
+            "--groups",
+            "2",
+            "--sigma",
+            "0.3",
+            "--json",
+            "--out",
+            str(swarm.tmp / "best.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **FAST},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout[res.stdout.index("{\n") :])
     assert out["evaluated"] == 8 and len(out["history"]) == 8

@@ -60,7 +60,9 @@ class RoundInputs:
             providers = await find_providers(dht, network, eid)
             if not providers:
                 raise src_mod.FetchError(f"no live provider serves input expert {eid.hex()}")
-            source, pool = await src_mod.open_remote(p2p, providers, ref, eid, self.cache / eid.hex())
+            source, pool = await src_mod.open_remote(
+                p2p, providers, ref, eid, self.cache / eid.hex()
+            )
             self.sources[ref], self.pools[ref] = source, pool
 
     async def fetch(self, reads: dict[str, list[str]]) -> int:

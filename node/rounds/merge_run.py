@@ -70,10 +70,13 @@ class MergeRun:
 
     async def step(self) -> None:
         for u in sorted(self.unpublished):
-            await records.result(self.node.dht, self.node.identity, self.node.network, self.rid,
-                                 u, self.mine[u], 0)  # fmt: skip
+            await records.result(
+                self.node.dht, self.node.identity, self.node.network, self.rid, u, self.mine[u], 0
+            )
         self.unpublished.clear()
-        views = await records.round_view(self.node.dht, self.node.network, self.rid, len(self.spec.units))
+        views = await records.round_view(
+            self.node.dht, self.node.network, self.rid, len(self.spec.units)
+        )
         accepted, conflicts = self._judge(views)
         if len(accepted) == len(self.spec.units) and not self._to_verify(accepted):
             await self._assemble(accepted)
@@ -85,7 +88,9 @@ class MergeRun:
         if unit is not None:
             await self._compute(unit)
 
-    def _judge(self, views: dict[int, records.UnitView]) -> tuple[dict[int, tuple[bytes, list[bytes]]], list[int]]:
+    def _judge(
+        self, views: dict[int, records.UnitView]
+    ) -> tuple[dict[int, tuple[bytes, list[bytes]]], list[int]]:
         """Accepted units (hash, honest workers) and units with conflicting results."""
         for u, view in views.items():
             if u in self.mine:
@@ -120,7 +125,9 @@ class MergeRun:
                 out.append(u)
         return out
 
-    async def _pick_open(self, views: dict[int, records.UnitView], accepted: dict[int, Any]) -> int | None:
+    async def _pick_open(
+        self, views: dict[int, records.UnitView], accepted: dict[int, Any]
+    ) -> int | None:
         order = [u for u in range(len(self.spec.units)) if u not in accepted]
         random.Random(self.me).shuffle(order)  # spread workers over the units
         for u in order:
@@ -128,8 +135,14 @@ class MergeRun:
             if holder is not None and holder != self.me:
                 continue
             if holder is None:
-                await records.claim(self.node.dht, self.node.identity, self.node.network,
-                                    self.rid, u, self.spec.claim_ttl)  # fmt: skip
+                await records.claim(
+                    self.node.dht,
+                    self.node.identity,
+                    self.node.network,
+                    self.rid,
+                    u,
+                    self.spec.claim_ttl,
+                )
                 view = await records.unit_view(self.node.dht, self.node.network, self.rid, u)
                 if view.holder(self.cheaters) not in (None, self.me):
                     continue  # someone claimed first
@@ -141,7 +154,9 @@ class MergeRun:
         if self.prep is None:
             local = {e.expert_id: e.model_dir for e, _ in self.node.hosting.experts}
             self.inputs = RoundInputs(local, self.node.state_dir / "rounds" / "experts")
-            await self.inputs.open(self.node.dht, self.node.p2p, self.node.network, self.spec.recipe)
+            await self.inputs.open(
+                self.node.dht, self.node.p2p, self.node.network, self.spec.recipe
+            )
             self.prep = await asyncio.to_thread(prepare, self.spec.recipe, self.inputs.sources)
         return self.prep
 
@@ -160,11 +175,17 @@ class MergeRun:
         digest = self._serve_unit(out)
         self.mine[unit] = digest
         if (delay := float(os.environ.get(DELAY_ENV, "0"))) > 0:  # tests: be killable mid-round
-            self.node.say(f"unode: round {self.rid.hex()[:12]}: unit {unit} computed, waiting {delay}s")
+            self.node.say(
+                f"unode: round {self.rid.hex()[:12]}: unit {unit} computed, waiting {delay}s"
+            )
             await asyncio.sleep(delay)
         ms = int((time.monotonic() - start) * 1000)
-        await records.result(self.node.dht, self.node.identity, self.node.network, self.rid, unit, digest, ms)
-        self.node.say(f"unode: round {self.rid.hex()[:12]}: unit {unit} done ({ms} ms) {digest.hex()[:12]}")
+        await records.result(
+            self.node.dht, self.node.identity, self.node.network, self.rid, unit, digest, ms
+        )
+        self.node.say(
+            f"unode: round {self.rid.hex()[:12]}: unit {unit} done ({ms} ms) {digest.hex()[:12]}"
+        )
 
     async def _unit_dir(self, unit: int, digest: bytes, owners: list[bytes]) -> Path:
         if self.mine.get(unit) == digest:
@@ -197,8 +218,10 @@ class MergeRun:
             "method": self.proposal.method,
             "seed": self.proposal.seed,
             "inputs": [i.hex() for i in self.proposal.inputs],
-            "units": [{"unit": u, "tensors": len(self.spec.units[u]), "result_hash": accepted[u][0].hex()}
-                      for u in sorted(accepted)],  # fmt: skip
+            "units": [
+                {"unit": u, "tensors": len(self.spec.units[u]), "result_hash": accepted[u][0].hex()}
+                for u in sorted(accepted)
+            ],
         }
 
     def close(self) -> None:
@@ -207,4 +230,4 @@ class MergeRun:
 
 
 Say = Callable[[str], None]
-__all__ = ["MergeRun", "BlobServer", "Say"]
+__all__ = ["BlobServer", "MergeRun", "Say"]

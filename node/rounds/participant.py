@@ -34,8 +34,14 @@ DEFAULT_POLL = 2.0
 class RoundNode:
     """What a round needs from the running node (DHT, P2P, identity, blob server, hosting)."""
 
-    def __init__(self, cfg: JoinConfig, session: Any, server: BlobServer, hosting: Hosting,
-                 say: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: JoinConfig,
+        session: Any,
+        server: BlobServer,
+        hosting: Hosting,
+        say: Callable[[str], None],
+    ) -> None:
         self.session, self.server, self.hosting, self.say = session, server, hosting, say
         self.network = cfg.net.network
         self.state_dir: Path = cfg.net.state_dir
@@ -112,7 +118,9 @@ class RoundNode:
 
             run = MergeRun(self, p, spec, root)
         self.runs[rid] = run
-        self.say(f"unode: taking part in {spec.mode} round {rid.hex()[:12]} ({len(spec.units)} units)")
+        self.say(
+            f"unode: taking part in {spec.mode} round {rid.hex()[:12]} ({len(spec.units)} units)"
+        )
         return run
 
     async def _already_done(self, rid: bytes) -> bool:
@@ -120,13 +128,16 @@ class RoundNode:
 
     async def _claimants(self, p: RoundProposal) -> list[bytes]:
         owners: list[bytes] = []
-        for view in (await records.round_view(self.dht, self.network, p.round_id, p.n_units)).values():
+        for view in (
+            await records.round_view(self.dht, self.network, p.round_id, p.n_units)
+        ).values():
             owners += [*view.claims, *view.results]
         return owners
 
 
-def start_rounds(cfg: JoinConfig, session: Any, server: BlobServer, hosting: Hosting,
-                 say: Callable[[str], None]) -> asyncio.Task[None] | None:  # fmt: skip
+def start_rounds(
+    cfg: JoinConfig, session: Any, server: BlobServer, hosting: Hosting, say: Callable[[str], None]
+) -> asyncio.Task[None] | None:
     """Take part in rounds in the background (None when UNODE_ROUNDS=off)."""
     if os.environ.get(ROUNDS_ENV, "on").lower() in ("off", "0", "no", "false"):
         return None

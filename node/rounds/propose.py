@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from node.errors import UserError
+from node.network import dhtrecords
 from node.network.config import NetworkConfig
 from node.network.discovery import list_experts
 from node.network.hosting import AGENT
@@ -71,19 +72,30 @@ def load_round_recipe(path: Path) -> dict[str, Any]:
         except Exception:
             raise UserError("RECIPE", ref, "name models as unode://<64-hex expert id>") from None
     if not refs:
-        raise UserError("RECIPE", str(path), "name models as unode://<64-hex expert id> "
-                        "(see `unode experts`)", "no network model in the recipe")  # fmt: skip
+        raise UserError(
+            "RECIPE",
+            str(path),
+            "name models as unode://<64-hex expert id> (see `unode experts`)",
+            "no network model in the recipe",
+        )
     return data
 
 
 def with_identity_session(net: NetworkConfig, work: Callable[[Session, Path], Awaitable[T]]) -> T:
     """A full DHT node under a fresh identity in a temporary state dir; always cleaned up."""
     if not net.initial_peers:
-        raise UserError("--initial-peers", "(none)", "pass the multiaddr a running `unode join` "
-                        "printed, or set UNODE_INITIAL_PEERS", problem="no peer to ask")  # fmt: skip
+        raise UserError(
+            "--initial-peers",
+            "(none)",
+            "pass the multiaddr a running `unode join` printed, or set UNODE_INITIAL_PEERS",
+            problem="no peer to ask",
+        )
     tmp = Path(tempfile.mkdtemp(prefix="unode-round-"))
-    session = Session(dataclasses.replace(net, state_dir=tmp), persistent=True,
-                      validators=unode_validators(net.network))  # fmt: skip
+    session = Session(
+        dataclasses.replace(net, state_dir=tmp),
+        persistent=True,
+        validators=unode_validators(net.network),
+    )
     try:
         session.start()
 
@@ -105,12 +117,14 @@ async def announce_self(session: Session, network: str) -> None:
     assert session.identity is not None
     rec = PeerRecord(session.peer_id, tuple(session.visible_maddrs()[:8]), (), AGENT)
     key = dht_key(network, "peers")
-    await records.dhtrecords.put(
+    await dhtrecords.put(
         session.dht, sign_record(session.identity, key, rec, expiration=time.time() + 3600)
     )
 
 
-async def build_spec(session: Session, net: NetworkConfig, cfg: MergeRoundConfig, cache: Path) -> tuple[RoundSpec, RoundProposal]:
+async def build_spec(
+    session: Session, net: NetworkConfig, cfg: MergeRoundConfig, cache: Path
+) -> tuple[RoundSpec, RoundProposal]:
     inputs = RoundInputs({}, cache)
     try:
         await inputs.open(session.dht, await session.p2p(), net.network, cfg.recipe)
@@ -120,7 +134,9 @@ async def build_spec(session: Session, net: NetworkConfig, cfg: MergeRoundConfig
     jobs = prep.plan.jobs
     n_units = cfg.units or max(1, prep.plan.n_layers)
     units = split_units([j.name for j in jobs], [job_bytes(j) for j in jobs], n_units)
-    spec = RoundSpec(cfg.mode, cfg.recipe, units, cfg.claim_ttl, cfg.verify_rate, cfg.name, cfg.domain)
+    spec = RoundSpec(
+        cfg.mode, cfg.recipe, units, cfg.claim_ttl, cfg.verify_rate, cfg.name, cfg.domain
+    )
     rec = prep.recipe
     refs = expert_refs(cfg.recipe)
     proposal = RoundProposal(
@@ -145,14 +161,21 @@ async def start_server(session: Session, network: str) -> BlobServer:
     return server
 
 
-async def publish_round(session: Session, net: NetworkConfig, server: BlobServer, spec: RoundSpec,
-                        proposal: RoundProposal) -> None:  # fmt: skip
+async def publish_round(
+    session: Session,
+    net: NetworkConfig,
+    server: BlobServer,
+    spec: RoundSpec,
+    proposal: RoundProposal,
+) -> None:
     server.add_record(proposal.recipe_hash, spec.to_bytes())
     assert session.identity is not None
     await records.propose(session.dht, session.identity, net.network, proposal)
 
 
-async def wait_for_expert(session: Session, network: str, rid: bytes, timeout: float, say: Say) -> str:
+async def wait_for_expert(
+    session: Session, network: str, rid: bytes, timeout: float, say: Say
+) -> str:
     """The merged expert's id once announced (the one most nodes serve after a short grace)."""
     deadline = time.monotonic() + timeout
     first = None
@@ -164,11 +187,17 @@ async def wait_for_expert(session: Session, network: str, rid: bytes, timeout: f
                 best = max(found, key=lambda k: len(k.owners))
                 return best.card.expert_id.hex()
         await asyncio.sleep(1.0)
-    raise UserError("--wait", f"{timeout:.0f}s", "raise --timeout or add workers (`unode join`)",
-                    problem="the round did not finish in time")  # fmt: skip
+    raise UserError(
+        "--wait",
+        f"{timeout:.0f}s",
+        "raise --timeout or add workers (`unode join`)",
+        problem="the round did not finish in time",
+    )
 
 
-async def wait_for_pickup(session: Session, network: str, proposal: RoundProposal, timeout: float) -> bool:
+async def wait_for_pickup(
+    session: Session, network: str, proposal: RoundProposal, timeout: float
+) -> bool:
     """True once some worker claimed a unit (it then serves the spec to the others)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -180,8 +209,9 @@ async def wait_for_pickup(session: Session, network: str, proposal: RoundProposa
     return False
 
 
-def run_merge_round(net: NetworkConfig, cfg: MergeRoundConfig, wait: bool, timeout: float,
-                    say: Say) -> dict[str, Any]:  # fmt: skip
+def run_merge_round(
+    net: NetworkConfig, cfg: MergeRoundConfig, wait: bool, timeout: float, say: Say
+) -> dict[str, Any]:
     """Propose a merge round; with `wait`, return once the merged expert is announced."""
 
     async def work(session: Session, tmp: Path) -> dict[str, Any]:
@@ -189,7 +219,9 @@ def run_merge_round(net: NetworkConfig, cfg: MergeRoundConfig, wait: bool, timeo
         server = await start_server(session, net.network)
         await publish_round(session, net, server, spec, proposal)
         rid = proposal.round_id
-        say(f"unode: proposed round {rid.hex()} ({len(spec.units)} units, method {proposal.method})")
+        say(
+            f"unode: proposed round {rid.hex()} ({len(spec.units)} units, method {proposal.method})"
+        )
         out: dict[str, Any] = {"round_id": rid.hex(), "units": len(spec.units), "expert_id": None}
         if wait:
             out["expert_id"] = await wait_for_expert(session, net.network, rid, timeout, say)

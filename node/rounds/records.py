@@ -39,7 +39,9 @@ async def proposals(dht: Any, network: str) -> list[Verified[RoundProposal]]:
     return await dhtrecords.get_verified(dht, dht_key(network, "rounds"), RoundProposal)
 
 
-async def claim(dht: Any, identity: Identity, network: str, rid: bytes, unit: int, ttl: float) -> None:
+async def claim(
+    dht: Any, identity: Identity, network: str, rid: bytes, unit: int, ttl: float
+) -> None:
     await publish(dht, identity, dht_key(network, "claim", rid, unit), WorkClaim(rid, unit), ttl)
 
 

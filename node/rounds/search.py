@@ -19,12 +19,28 @@ from node.errors import UserError
 from node.network.config import NetworkConfig
 from node.network.session import Session
 from node.rounds import records
-from node.rounds.propose import MergeRoundConfig, Say, build_spec, publish_round, start_server, wait_for_expert, with_identity_session
+from node.rounds.propose import (
+    MergeRoundConfig,
+    Say,
+    build_spec,
+    publish_round,
+    start_server,
+    wait_for_expert,
+    with_identity_session,
+)
 from node.rounds.spec import RoundSpec, candidate_id
 from protocol.records import RoundProposal
 
 MODULES = ("self_attn", "mlp")  # filters per module class; other tensors get one more value
-DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+DENSITY_METHODS = (
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,9 @@ def make_space(recipe: dict[str, Any], groups: int, n_layers: int) -> tuple[Spac
         for p in params:
             start = given.get(p, 1.0 if p == "density" else 1.0 / max(1, len(idx)))
             if not isinstance(start, int | float):
-                raise UserError(f"models[{i}].parameters.{p}", start, "start the search from a number")
+                raise UserError(
+                    f"models[{i}].parameters.{p}", start, "start the search from a number"
+                )
             x0 += [float(start)] * space.per_param
     return space, x0
 
@@ -90,22 +108,32 @@ def candidate(recipe: dict[str, Any], space: Space, x: list[float]) -> dict[str,
             k += space.per_param
             lo, hi = (0.05, 1.0) if p == "density" else (-1.0, 2.0)
             vals = [round(min(hi, max(lo, float(v))), 6) for v in vals]
-            setting = []
+            setting: list[dict[str, Any]] = []
             for m, mod in enumerate(MODULES):
                 g = vals[m * space.groups : (m + 1) * space.groups]
-                per_layer = [g[layer * space.groups // space.n_layers] for layer in range(space.n_layers)]
+                per_layer = [
+                    g[layer * space.groups // space.n_layers] for layer in range(space.n_layers)
+                ]
                 setting.append({"filter": mod, "value": {"layers": per_layer}})
             setting.append({"value": vals[-1]})
             params[p] = setting
     return out
 
 
-async def collect(session: Session, network: str, rid: bytes, cands: list[dict[str, Any]],
-                  scorers: int, timeout: float) -> list[float]:  # fmt: skip
+async def collect(
+    session: Session,
+    network: str,
+    rid: bytes,
+    cands: list[dict[str, Any]],
+    scorers: int,
+    timeout: float,
+) -> list[float]:
     """Mean score per candidate once `scorers` peers scored each (inf for none in time)."""
     deadline = time.monotonic() + timeout
     while True:
-        got = await asyncio.gather(*(records.scores(session.dht, network, rid, candidate_id(c)) for c in cands))
+        got = await asyncio.gather(
+            *(records.scores(session.dht, network, rid, candidate_id(c)) for c in cands)
+        )
         means = []
         for found in got:
             owners = {v.envelope.owner for v in found}
@@ -116,7 +144,9 @@ async def collect(session: Session, network: str, rid: bytes, cands: list[dict[s
         await asyncio.sleep(1.0)
 
 
-async def search(session: Session, net: NetworkConfig, cfg: SearchConfig, tmp: Path, say: Say) -> dict[str, Any]:
+async def search(
+    session: Session, net: NetworkConfig, cfg: SearchConfig, tmp: Path, say: Say
+) -> dict[str, Any]:
     import cma
 
     base_cfg = MergeRoundConfig(cfg.recipe, mode="search")
@@ -124,7 +154,9 @@ async def search(session: Session, net: NetworkConfig, cfg: SearchConfig, tmp: P
     n_layers = sum(1 for u in spec0.units)  # one unit per layer by default
     space, x0 = make_space(cfg.recipe, cfg.groups, n_layers)
     server = await start_server(session, net.network)
-    es = cma.CMAEvolutionStrategy(x0, cfg.sigma, {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9})
+    es = cma.CMAEvolutionStrategy(
+        x0, cfg.sigma, {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9}
+    )
     history: list[dict[str, Any]] = []
     start_score, best = math.inf, (math.inf, cfg.recipe)
     generation = 0
@@ -133,32 +165,62 @@ async def search(session: Session, net: NetworkConfig, cfg: SearchConfig, tmp: P
         cands = [candidate(cfg.recipe, space, list(x)) for x in xs]
         if generation == 0:
             cands[0] = candidate(cfg.recipe, space, x0)  # score the starting point too
-        spec = RoundSpec("search", cfg.recipe, tuple((candidate_id(c).hex(),) for c in cands),
-                         candidates=tuple(cands), name="search", domain=base_cfg.domain)  # fmt: skip
-        proposal = RoundProposal("merge", proposal0.inputs, proposal0.base, proposal0.method, spec.hash(),
-                                 proposal0.seed, len(cands), int((time.time() + cfg.score_timeout) * 1000),
-                                 proposal0.domains)  # fmt: skip
+        spec = RoundSpec(
+            "search",
+            cfg.recipe,
+            tuple((candidate_id(c).hex(),) for c in cands),
+            candidates=tuple(cands),
+            name="search",
+            domain=base_cfg.domain,
+        )
+        proposal = RoundProposal(
+            "merge",
+            proposal0.inputs,
+            proposal0.base,
+            proposal0.method,
+            spec.hash(),
+            proposal0.seed,
+            len(cands),
+            int((time.time() + cfg.score_timeout) * 1000),
+            proposal0.domains,
+        )
         await publish_round(session, net, server, spec, proposal)
-        scores = await collect(session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout)
+        scores = await collect(
+            session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout
+        )
         if generation == 0:
             start_score = scores[0]
         es.tell(xs, [s if math.isfinite(s) else 1e9 for s in scores])
         scores = [float(s) for s in scores]
         for c, s in zip(cands, scores, strict=True):
-            history.append({"generation": generation, "candidate": candidate_id(c).hex(), "score": s})
+            history.append(
+                {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
+            )
             if s < best[0]:
                 best = (s, c)
-        say(f"unode: search generation {generation}: best {min(scores):.4f} (start {start_score:.4f})")
+        say(
+            f"unode: search generation {generation}: best {min(scores):.4f} (start {start_score:.4f})"
+        )
         generation += 1
-    out: dict[str, Any] = {"start_score": start_score, "best_score": best[0], "best_recipe": best[1],
-                           "evaluated": len(history), "history": history, "expert_id": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "start_score": start_score,
+        "best_score": best[0],
+        "best_recipe": best[1],
+        "evaluated": len(history),
+        "history": history,
+        "expert_id": None,
+    }
     if cfg.merge is not None:
-        mcfg = MergeRoundConfig(best[1], **{k: v for k, v in cfg.merge.__dict__.items() if k != "recipe"})
+        mcfg = MergeRoundConfig(
+            best[1], **{k: v for k, v in cfg.merge.__dict__.items() if k != "recipe"}
+        )
         spec, proposal = await build_spec(session, net, mcfg, tmp / "experts")
         await publish_round(session, net, server, spec, proposal)
         out["round_id"] = proposal.round_id.hex()
         say(f"unode: merging the best recipe in round {proposal.round_id.hex()}")
-        out["expert_id"] = await wait_for_expert(session, net.network, proposal.round_id, cfg.score_timeout, say)
+        out["expert_id"] = await wait_for_expert(
+            session, net.network, proposal.round_id, cfg.score_timeout, say
+        )
     return out
 
 

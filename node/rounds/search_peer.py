@@ -40,7 +40,8 @@ def score_model(model_dir: Path, domains: list[str], n: int) -> list[tuple[str, 
     from node.eval.metrics import bits_per_byte, encode
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
     out = []
     for d in domains:
         texts = eval_texts(d, n)
@@ -79,7 +80,9 @@ class ScoreRun:
         if self.inputs is None:
             local = {e.expert_id: e.model_dir for e, _ in self.node.hosting.experts}
             self.inputs = RoundInputs(local, self.node.state_dir / "rounds" / "experts")
-            await self.inputs.open(self.node.dht, self.node.p2p, self.node.network, self.spec.recipe)
+            await self.inputs.open(
+                self.node.dht, self.node.p2p, self.node.network, self.spec.recipe
+            )
             await self.inputs.fetch({r: s.names() for r, s in self.inputs.sources.items()})
         await self._score(todo[0])
 
@@ -101,7 +104,9 @@ class ScoreRun:
             await records.score(self.node.dht, self.node.identity, self.node.network, rec)
         self.scored.add(cid)
         shown = ", ".join(f"{d}={v:.4f}" for d, v, _, _ in results)
-        self.node.say(f"unode: round {self.rid.hex()[:12]}: scored candidate {cid.hex()[:12]}: {shown}")
+        self.node.say(
+            f"unode: round {self.rid.hex()[:12]}: scored candidate {cid.hex()[:12]}: {shown}"
+        )
 
     def close(self) -> None:
         if self.inputs is not None:

@@ -74,7 +74,9 @@ async def fetch_object(
         try:
             stream = await BlobStream.open(pool.p2p, await pool.connect(provider))
             try:
-                await stream.get_object(digest, meta, nbytes, 0, FileTarget(fd, 0), lambda i, n: None)
+                await stream.get_object(
+                    digest, meta, nbytes, 0, FileTarget(fd, 0), lambda i, n: None
+                )
             finally:
                 stream.close()
         except ProviderError as err:
