@@ -1,0 +1,95 @@
+"""Steady skill scores for the zoo: teacher-forced answer accuracy (per answer token, e.g. per
+digit), exact match of greedy answers, and bits per byte, on a held-out split cut in two
+halves (`search` for choosing merge coefficients, `test` for reporting them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from node.eval import corpora, metrics
+
+Half = Literal["search", "test", "all"]
+TASKS = ("arithmetic", "logic", "arithlogic")
+TEXTS = ("python", "prose")
+
+
+@dataclass(frozen=True)
+class Score:
+    domain: str
+    bits_per_byte: float
+    answer_accuracy: float | None  # share of answer tokens the model ranks first (teacher-forced)
+    exact_match: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heldout(domain: str, n: int, half: Half) -> list[corpora.Example]:
+    """`n` held-out examples of one half; halves are cut by a hash of the text, so a text
+    repeated by a generator never sits in both.
+    """
+    pool = corpora.load(domain, n if half == "all" else 3 * n, "heldout")
+    if half == "all":
+        return pool
+    want = 0 if half == "search" else 1
+    return [e for e in pool if hashlib.sha256(e.text.encode()).digest()[0] % 2 == want][:n]
+
+
+@torch.no_grad()
+def answer_accuracy(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> float:
+    """Share of answer tokens predicted exactly (argmax) given the true prefix: a per-digit
+    accuracy for arithmetic, steadier than exact match on small models.
+    """
+    hits, total = 0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for ex in examples:
+        full = metrics.encode(tokenizer, ex.text.rstrip("\n"))
+        start = len(metrics.encode(tokenizer, ex.prompt + " "))
+        rows.append((full, start))
+    for i in range(0, len(rows), 64):
+        chunk = rows[i : i + 64]
+        width = max(len(f) for f, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        for r, (f, _) in enumerate(chunk):
+            ids[r, : len(f)], mask[r, : len(f)] = torch.tensor(f), 1
+        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)  # (B, T)
+        for r, (f, start) in enumerate(chunk):
+            target = torch.tensor(f[start:])
+            hits += int((pred[r, start - 1 : len(f) - 1] == target).sum())
+            total += len(target)
+    return hits / max(total, 1)
+
+
+def score_model(
+    model: Any, tokenizer: Any, domains: tuple[str, ...], n: int, half: Half, em: bool = True
+) -> dict[str, Score]:
+    """Per-domain scores of a loaded model on one half of the held-out split."""
+    out = {}
+    for domain in domains:
+        n_dom = n if domain in TASKS else max(n // 4, 16)  # texts are ~20x longer than tasks
+        examples = heldout(domain, n_dom, half)
+        bpb = metrics.bits_per_byte(model, tokenizer, [e.text for e in examples], batch_size=32)
+        acc = exact = None
+        if domain in TASKS:
+            acc = answer_accuracy(model, tokenizer, examples)
+            exact = metrics.exact_match(model, tokenizer, examples) if em else None
+        out[domain] = Score(domain, bpb, acc, exact)
+    return out
+
+
+def score_dir(
+    model_dir: Path, domains: tuple[str, ...], n: int = 200, half: Half = "test", em: bool = True
+) -> dict[str, Score]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    return score_model(model, tok, domains, n, half, em)

@@ -1,0 +1,90 @@
+"""Layer-wise merge coefficients: task-arithmetic recipes with one weight per (expert, layer
+group), scored by retention of every expert's skills, and a CMA-ES search over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node.zoo.scores import TASKS, Score
+
+Objective = Callable[[np.ndarray], float]
+
+
+def layer_recipe(
+    base: Path, experts: Sequence[Path], weights: np.ndarray, n_layers: int
+) -> dict[str, Any]:
+    """Task arithmetic with a per-layer table per expert.
+
+    `weights` is (experts, groups): groups split the layers into equal consecutive runs; the
+    last column also weights embeddings, final norm and lm_head (the table's `default`).
+    """
+    n_groups = weights.shape[1]
+    group_of = [min(i * n_groups // n_layers, n_groups - 1) for i in range(n_layers)]
+    models = []
+    for path, row in zip(experts, weights, strict=True):
+        table = {
+            "layers": [round(float(row[g]), 6) for g in group_of],
+            "default": round(float(row[-1]), 6),
+        }
+        models.append({"model": str(path), "parameters": {"weight": table}})
+    return {"merge_method": "task_arithmetic", "base_model": str(base), "models": models,
+            "dtype": "float32"}  # fmt: skip
+
+
+def retention(scores: Mapping[str, Score], reference: Mapping[str, Score]) -> dict[str, float]:
+    """Per domain, the share of the reference's score kept: answer accuracy for tasks,
+    reference bits per byte over ours for texts (1.0 = as good as the reference).
+    """
+    out = {}
+    for domain, ref in reference.items():
+        mine = scores[domain]
+        if domain in TASKS:
+            assert ref.answer_accuracy is not None and mine.answer_accuracy is not None
+            out[domain] = mine.answer_accuracy / max(ref.answer_accuracy, 1e-9)
+        else:
+            out[domain] = ref.bits_per_byte / mine.bits_per_byte
+    return out
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: np.ndarray
+    best_value: float
+    history: list[float]  # best value after each generation
+    evaluations: int
+
+
+def cma_search(
+    objective: Objective,
+    x0: np.ndarray,
+    sigma: float,
+    generations: int,
+    popsize: int,
+    seed: int,
+    bounds: tuple[float, float] = (0.0, 1.5),
+    log: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Maximise `objective` with CMA-ES (the `cma` package), seeded, bounded, fixed budget."""
+    import cma
+
+    opts = {"seed": seed + 1, "popsize": popsize, "bounds": list(bounds), "verbose": -9}
+    es = cma.CMAEvolutionStrategy(list(x0.ravel()), sigma, opts)
+    best, best_value, history, n = x0.ravel().copy(), objective(x0), [], 1
+    for gen in range(generations):
+        xs = es.ask()
+        values = [objective(np.asarray(x).reshape(x0.shape)) for x in xs]
+        n += len(xs)
+        es.tell(xs, [-v for v in values])  # cma minimises
+        i = int(np.argmax(values))
+        if values[i] > best_value:
+            best, best_value = np.asarray(xs[i]).copy(), values[i]
+        history.append(best_value)
+        if log:
+            log(f"generation {gen + 1}/{generations}: best {best_value:.4f}")
+    return SearchResult(best.reshape(x0.shape), best_value, history, n)

@@ -1,0 +1,100 @@
+"""The zoo builds deterministically; its experts are real HF models that beat the base in-domain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from node.errors import UserError
+from node.eval import corpora, metrics
+from node.zoo import build
+from node.zoo.build import quick_config
+from node.zoo.tokenizer import tokenizer_corpus, train_zoo_tokenizer
+
+
+@pytest.fixture(scope="module")
+def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return build(tmp_path_factory.mktemp("zoo") / "z", quick_config(), progress=False)
+
+
+def test_same_seed_gives_bit_identical_safetensors(
+    mini_zoo: dict[str, Any], tmp_path: Path
+) -> None:
+    again = build(tmp_path / "z", quick_config(), progress=False)
+    assert again["safetensors_sha256"] == mini_zoo["safetensors_sha256"]
+    assert len(again["safetensors_sha256"]) == 5  # base, 3 experts, 1 heterogeneous
+    for rel in again["safetensors_sha256"]:
+        assert (Path(again["root"]) / rel).read_bytes() == (
+            Path(mini_zoo["root"]) / rel
+        ).read_bytes()
+    hashes = again["safetensors_sha256"]
+    assert len({hashes[f"{n}/model.safetensors"] for n in ("base", "arith", "code", "prose")}) == 4
+
+
+def test_complete_zoo_is_reused_and_foreign_dirs_refused(
+    mini_zoo: dict[str, Any], tmp_path: Path
+) -> None:
+    root = Path(mini_zoo["root"])
+    stamp = (root / "base" / "model.safetensors").stat().st_mtime_ns
+    assert build(root, quick_config(), progress=False)["config_sha256"] == mini_zoo["config_sha256"]
+    assert (root / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--out"):
+        build(tmp_path / "junk", quick_config(), progress=False)
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]  # nothing partial left
+
+
+@pytest.mark.parametrize("name", ["base", "arith", "code", "prose", "gpt2-unigram"])
+def test_every_model_loads_generates_and_is_small(mini_zoo: dict[str, Any], name: str) -> None:
+    d = Path(mini_zoo["root"]) / name
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()  # type: ignore[no-untyped-call]
+    ids = torch.tensor([metrics.encode(tok, "Q: 12+30= ")])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (1, ids.shape[1] + 5)
+    assert sum(f.stat().st_size for f in d.glob("*.safetensors")) <= 5_000_000
+    card = json.loads((d / "zoo_card.json").read_text())
+    assert card["name"] == name
+
+
+@pytest.mark.parametrize(("expert", "domain"), [("arith", "arithmetic"), ("code", "logic"),
+                                                ("code", "python"), ("prose", "prose")])  # fmt: skip
+def test_each_expert_beats_the_base_on_its_own_domain(
+    mini_zoo: dict[str, Any], expert: str, domain: str
+) -> None:
+    texts = [e.text for e in corpora.load(domain, 32, "heldout")]
+    bpb = {}
+    for name in ("base", expert):
+        d = Path(mini_zoo["root"]) / name
+        model = AutoModelForCausalLM.from_pretrained(d).eval()  # type: ignore[no-untyped-call]
+        bpb[name] = metrics.bits_per_byte(model, AutoTokenizer.from_pretrained(d), texts)
+    assert bpb[expert] < bpb["base"] - 0.01
+
+
+def test_shared_tokenizer_splits_digits_and_keeps_prompts_as_prefixes() -> None:
+    tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
+    ids = tok("Q: 407+38= A: 445\n", add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert [p for p in pieces if p.isdigit()] == list("40738445")
+    for ex in corpora.load("arithlogic", 20) + corpora.load("logic", 20):
+        prompt = tok(ex.prompt + " ", add_special_tokens=False)["input_ids"]
+        full = tok(ex.text, add_special_tokens=False)["input_ids"]
+        assert full[: len(prompt)] == prompt
+        assert tok.decode(full) == ex.text
+
+
+def test_two_skill_task_answers_are_right() -> None:
+    for ex in corpora.load("arithlogic", 50):
+        calc, _, rest = ex.prompt[3:-2].partition(" ; ")
+        number, _, truth = ex.answer.partition(" ; ")
+        a, op, b = calc.partition("+") if "+" in calc else calc.partition("-")
+        assert int(number) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        expr = rest.replace("T", "True").replace("F", "False")
+        assert truth == ("T" if eval(expr) else "F")
