@@ -1,7 +1,8 @@
 """The registry of merge methods: mergekit's names, built explicitly (no import-time registration).
 
 `get_method(name)` for the executor; `check_inputs(method, models, base)` to reject a
-recipe whose models do not fit the method before any tensor is merged.
+recipe whose models do not fit the method before any tensor is merged;
+`with mergekit_tie_order():` to choose elements tied at a sparsification cut as mergekit does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from node.merge.methods.nearswap import NearSwapMerge
 from node.merge.methods.passthrough import PassthroughMerge
 from node.merge.methods.ram import RamMerge, RamPlusMerge
 from node.merge.methods.sce import SceMerge
+from node.merge.methods.select import mergekit_tie_order
 from node.merge.methods.slerp import NuSlerpMerge, SlerpMerge
 from node.merge.methods.spherical_mean import KarcherMerge, MultiSlerpMerge
 from node.merge.methods.task_vector import TASK_VECTOR_METHODS
@@ -40,6 +42,7 @@ def _build() -> dict[str, MergeMethod]:
 
 
 METHODS: dict[str, MergeMethod] = _build()
+__all__ = ["METHODS", "check_inputs", "get_method", "mergekit_tie_order", "method_names"]
 
 
 def method_names() -> list[str]:

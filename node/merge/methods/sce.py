@@ -23,7 +23,7 @@ def select_by_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     k = int(torch.count_nonzero(variance) * fraction)
     if k == 0:
         return torch.zeros_like(variance, dtype=torch.bool)
-    return top_count_mask(variance.view(-1), k).view_as(variance)
+    return top_count_mask(variance.abs().view(-1), k, reference="topk").view_as(variance)
 
 
 def population_variance(deltas: torch.Tensor) -> torch.Tensor:

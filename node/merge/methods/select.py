@@ -9,10 +9,39 @@ a stable sort gives); `row_order` sorts every row at once on one int64 key.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+
+_MERGEKIT_TIES: ContextVar[bool] = ContextVar("mergekit_tie_order", default=False)
+
+
+@contextmanager
+def mergekit_tie_order(enabled: bool = True) -> Iterator[None]:
+    """Inside this block, elements tied at a cut are chosen as mergekit 0.1.5 chooses them.
+
+    mergekit keeps whichever tied elements torch's unstable CPU sort (or topk) happens to
+    put first: deterministic, but defined only by running that sort. With this on, a
+    tensor whose ties straddle a cut is re-selected with mergekit's own sort call, for
+    bit-identical results at mergekit's speed on those tensors. Off (the default), ties
+    are taken in flat-index order, the order a stable sort gives.
+    """
+    token = _MERGEKIT_TIES.set(enabled)
+    try:
+        yield
+    finally:
+        _MERGEKIT_TIES.reset(token)
+
+
+def _indices_mask(n: int, indices: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(n)
+    mask[indices] = 1.0
+    return mask
+
 
 SMALL = 1 << 16  # below this many elements, plain kthvalue is fastest
 SAMPLE = 1 << 16  # strided sample size used to bracket a rank
@@ -91,14 +120,20 @@ def rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     if hi is not None:
         upper = (torch.le if hi_whole else torch.lt)(w, hi.value, out=torch.empty(n))
         mask.mul_(upper)
+    if _MERGEKIT_TIES.get() and not (lo_whole and hi_whole):  # mergekit: sort, slice ranks
+        return _indices_mask(n, torch.sort(w, descending=False).indices[start:stop])
     for cut, whole in ((lo, lo_whole), (hi, hi_whole)):
         if cut is not None and not whole:
             mask[_ties_in_range(w, cut, start, stop)] = 1.0
     return mask
 
 
-def top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
-    """Float 0/1 mask of the k largest elements of flat `w` (ties: lowest indices first)."""
+def top_count_mask(w: torch.Tensor, k: int, reference: str = "argsort") -> torch.Tensor:
+    """Float 0/1 mask of the k largest elements of flat `w` (ties: lowest indices first).
+
+    `reference` is the call mergekit selects with ("argsort" or "topk"), used for ties
+    under `mergekit_tie_order`.
+    """
     n = w.numel()
     if k >= n:
         return torch.ones(n)
@@ -107,6 +142,10 @@ def top_count_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     cut = kth_smallest(w, n - k)  # the largest value that is dropped
     mask = torch.gt(w, cut.value, out=torch.empty(n))
     kept_ties = k - (n - cut.less - cut.equal)  # elements equal to the cut that are kept
+    if kept_ties > 0 and _MERGEKIT_TIES.get():
+        if reference == "topk":
+            return _indices_mask(n, torch.topk(w, k, largest=True).indices)
+        return _indices_mask(n, torch.argsort(w, descending=True)[:k])
     if kept_ties > 0:  # the first ones: their stable ascending ranks are the highest
         mask[(w == cut.value).nonzero().squeeze(1)[:kept_ties]] = 1.0
     return mask
