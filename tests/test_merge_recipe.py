@@ -10,7 +10,8 @@ from node.errors import UserError
 from node.merge import architecture as arch
 from node.merge.methods.base import ParamSpec
 from node.merge.params import Position, evaluate, interpolate, resolve
-from node.merge.recipe import Conditional, Gradient, LayerTable, parse_recipe, parse_setting
+from node.merge.recipe import parse_recipe
+from node.merge.settings import Conditional, Gradient, LayerTable, parse_setting
 
 ATTN = "model.layers.2.self_attn.q_proj.weight"
 MLP = "model.layers.2.mlp.up_proj.weight"

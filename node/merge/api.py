@@ -27,6 +27,7 @@ from node.merge.outputs import (
     lineage_hash,
     model_card,
     output_config,
+    set_chat_template,
     write_json,
 )
 from node.merge.plan import MergePlan, build_plan
@@ -231,6 +232,8 @@ def _extras(
         vocab_mod.save_tokenizer(remap, tmp)
     else:
         vocab_mod.copy_tokenizer(donor_dir, tmp)
+    if rec.chat_template is not None:
+        set_chat_template(tmp, rec.chat_template, [s.meta_dir for s in srcs.values()])
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -63,6 +63,30 @@ def output_config(
     return dict(cfg)
 
 
+def chat_template_of(model_dir: Path) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = model_dir / "tokenizer_config.json"
+    value = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+    return value if isinstance(value, str) else None
+
+
+def set_chat_template(out_dir: Path, template: str, model_dirs: list[Path]) -> None:
+    """`auto`: the template most input models share (mergekit's rule); else the given text."""
+    if template == "auto":
+        found = [t.strip() for d in model_dirs if (t := chat_template_of(d))]
+        if not found:
+            return
+        template = max(found, key=found.count)
+    cfg = out_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        data.pop("chat_template", None)
+        write_json(cfg, data)
+    (out_dir / "chat_template.jinja").write_text(template)
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from node.errors import UserError
 from node.merge.methods.base import REQUIRED, ParamSpec
-from node.merge.recipe import Conditional, Gradient, LayerTable, Params, Setting
+from node.merge.settings import Conditional, Gradient, LayerTable, Params, Setting
 
 _MISSING: Any = object()
 

@@ -15,7 +15,8 @@ from node.merge.io import TensorMeta, TensorSource
 from node.merge.methods import check_inputs
 from node.merge.methods.base import MergeMethod
 from node.merge.params import Position, check_ranges, check_table_lengths, resolve
-from node.merge.recipe import OutputSlice, Params, Recipe, SliceSource
+from node.merge.recipe import OutputSlice, Recipe, SliceSource
+from node.merge.settings import Params
 
 
 @dataclass(frozen=True)

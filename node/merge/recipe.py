@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from node.errors import UserError
+from node.merge.settings import Params, parse_params
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -28,34 +29,6 @@ DTYPE_NAMES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-Scalar = bool | int | float | str
-
-
-@dataclass(frozen=True)
-class Conditional:
-    """mergekit's `{filter: substring, value: ...}`; no filter (or `*`) matches every tensor."""
-
-    value: Any
-    filter: str | None = None
-
-
-@dataclass(frozen=True)
-class LayerTable:
-    """unode's per-layer table: `layers[i]` for output layer i, `default` for the rest."""
-
-    layers: tuple[Scalar, ...]
-    default: Scalar | None = None
-
-
-@dataclass(frozen=True)
-class Gradient:
-    """A mergekit gradient: values interpolated over the layers of a slice."""
-
-    values: tuple[Scalar, ...]
-
-
-Setting = Scalar | Gradient | LayerTable | tuple[Conditional, ...]
-Params = Mapping[str, Setting]
 
 
 @dataclass(frozen=True)
@@ -90,6 +63,7 @@ class Recipe:
     tokenizer: TokenizerSpec | None
     seed: int
     raw: Mapping[str, Any]
+    chat_template: str | None = None  # "auto" or the template text
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, base first, each once, in recipe order."""
@@ -163,7 +137,19 @@ def parse_recipe(data: Mapping[str, Any]) -> Recipe:
         tokenizer=_tokenizer(data),
         seed=seed,
         raw=dict(data),
+        chat_template=_chat_template(data.get("chat_template")),
     )
+
+
+def _chat_template(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or (value != "auto" and "{" not in value):
+        raise UserError(
+            "chat_template", value, "give `auto` or the Jinja template text itself",
+            problem="named templates are not shipped with unode",
+        )  # fmt: skip
+    return value
 
 
 def _model_ref(fld: str, value: Any) -> str | None:
@@ -279,59 +265,3 @@ def _tokenizer(data: Mapping[str, Any]) -> TokenizerSpec | None:
         return None
     ref = _model_ref("tokenizer_source", src)
     return TokenizerSpec(ref or "union")
-
-
-def parse_params(fld: str, value: Any) -> dict[str, Setting]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise UserError(fld, value, "give a mapping of parameter name to value")
-    return {str(k): parse_setting(f"{fld}.{k}", v) for k, v in value.items()}
-
-
-def parse_setting(fld: str, value: Any) -> Setting:
-    """A scalar, a gradient list, a filter list / single filter, or a unode layer table."""
-    if isinstance(value, bool | int | float | str):
-        return value
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, bool | int | float | str) for v in value)
-    ):
-        return Gradient(tuple(value))
-    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-        return tuple(_conditional(f"{fld}[{i}]", v) for i, v in enumerate(value))
-    if isinstance(value, Mapping) and "layers" in value:
-        return _layer_table(fld, value)
-    if isinstance(value, Mapping) and "value" in value:
-        return (_conditional(fld, value),)
-    raise UserError(
-        fld, value,
-        "give a number, a list of numbers (gradient), a list of {filter, value}, or {layers: [...], default: x}",
-    )  # fmt: skip
-
-
-def _conditional(fld: str, value: Mapping[str, Any]) -> Conditional:
-    extra = set(value) - {"filter", "value"}
-    if extra or "value" not in value:
-        raise UserError(fld, dict(value), "give {filter: SUBSTRING, value: VALUE}")
-    flt = value.get("filter")
-    if flt is not None and not isinstance(flt, str):
-        raise UserError(f"{fld}.filter", flt, "give a substring of tensor names")
-    inner = parse_setting(f"{fld}.value", value["value"])
-    if isinstance(inner, tuple):
-        raise UserError(f"{fld}.value", value["value"], "do not nest filter lists")
-    return Conditional(inner, flt)
-
-
-def _layer_table(fld: str, value: Mapping[str, Any]) -> LayerTable:
-    extra = set(value) - {"layers", "default"}
-    layers = value["layers"]
-    if extra or not isinstance(layers, list) or not layers:
-        raise UserError(fld, dict(value), "give {layers: [v0, v1, ...], default: v}")
-    if not all(isinstance(v, bool | int | float | str) for v in layers):
-        raise UserError(f"{fld}.layers", layers, "give one scalar per output layer")
-    default = value.get("default")
-    if default is not None and not isinstance(default, bool | int | float | str):
-        raise UserError(f"{fld}.default", default, "give a scalar")
-    return LayerTable(tuple(layers), default)
