@@ -202,3 +202,19 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     for method in ("ties", "dare_ties", "slerp"):
         assert method in result.stdout
         assert (tmp_path / "demo-merges" / method / "model.safetensors").is_file()
+
+
+def test_chat_template_text_is_installed(llama_family: Any, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    out = Path(
+        merge(
+            {**dare(llama_family), "chat_template": template}, tmp_path / "o", progress=False
+        ).out_dir
+    )
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False)
+    assert text == "[user] 2+2?\n"
+    with pytest.raises(UserError, match="chat_template"):
+        merge({**dare(llama_family), "chat_template": "chatml"}, tmp_path / "o2", progress=False)

@@ -129,7 +129,7 @@ tags:
 ---
 # {name}
 
-A merge of pre-trained language models made with [unode](https://github.com/) (`unode merge`).
+A merge of pre-trained language models made with unode (`unode merge`).
 
 ## Method
 
