@@ -645,6 +645,44 @@ def round_search_cmd(
         typer.echo(f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}; expert {result['expert_id']}")
 
 
+@round_app.command("fuse")
+def round_fuse_cmd(
+    target: Annotated[str, typer.Option(help="Expert id (or 8+ hex prefix) of the model to train.")],
+    sources: Annotated[list[str], typer.Option("--sources", help="Source expert id (repeatable).")],
+    corpus: Annotated[Path, typer.Option(help="Instruction-response .jsonl corpus.")],
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    shards: Annotated[int, typer.Option(help="Corpus shards (units per source).")] = 2,
+    max_steps: Annotated[int, typer.Option(help="Training steps of the target.")] = 20,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    lam: Annotated[float, typer.Option(help="Weight of the CLM term (1 - lam on fusion).")] = 0.9,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the round until the expert is announced.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 1800.0,
+    name: Annotated[str, typer.Option(help="Name of the fused expert.")] = "fused",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Propose a fusion round: source hosts summarize corpus shards, the target's host fuses
+    and trains, and the fused model is announced as a new expert."""
+    import json
+
+    from node.rounds.propose_fuse import FuseRoundConfig, run_fuse_round
+
+    _network_logging(verbose)
+    try:
+        cfg = FuseRoundConfig(target, tuple(sources), corpus, int(_round_check("--shards", shards, 1, 4096)),
+                              name=name)  # fmt: skip
+        cfg.train.update(max_steps=int(_round_check("--max-steps", max_steps, 1, 10**7)),
+                         lr=_round_check("--lr", lr, 0, 1), lam=_round_check("--lam", lam, 0, 1))  # fmt: skip
+        out = run_fuse_round(_net_config(network, initial_peers), cfg, wait, timeout, typer.echo)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    elif out.get("expert_id"):
+        typer.echo(f"fused expert: {out['expert_id']}")
+
+
 # --- eval (node/eval) -------------------------------------------------------------------
 
 

@@ -394,3 +394,56 @@ def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
     assert done and out["expert_id"]
     scored = [n for n in swarm.nodes if "scored candidate" in n.text()]
     assert len(scored) >= 1
+
+
+def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from node.fusion.corpus import write_toy_corpus
+
+    corpus = write_toy_corpus(swarm.tmp / "corpus.jsonl", n=12, max_chars=120)
+    res = subprocess.run(
+        [
+            UNODE,
+            "round",
+            "fuse",
+            "--target",
+            swarm.ids[0],
+            "--sources",
+            swarm.ids[1],
+            "--sources",
+            swarm.ids[2],
+            "--corpus",
+            str(corpus),
+            "--shards",
+            "2",
+            "--max-steps",
+            "2",
+            "--network",
+            swarm.network,
+            "--initial-peers",
+            swarm.nodes[0].maddr,
+            "--wait",
+            "--json",
+            "--timeout",
+            "180",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **FAST},
+    )
+    texts = "\n".join(n.text()[-1500:] for n in swarm.nodes[:3])
+    assert res.returncode == 0, res.stderr[-2000:] + texts
+    out = json.loads(res.stdout[res.stdout.index("{\n") :])
+    rid = out["round_id"]
+    assert out["units"] == 4 and out["expert_id"]
+    for source in swarm.nodes[1:3]:  # each source host summarized both shards of its expert
+        assert source.text().count(f"round {rid[:12]}: summarized shard") == 2
+    fused = round_expert(swarm.nodes[0], rid)
+    assert expert_id(fused, swarm.tmp / "ids") == out["expert_id"]
+    model = AutoModelForCausalLM.from_pretrained(fused, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(swarm.dirs[0], dtype=torch.float32)
+    trained = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained, base.state_dict()["model.layers.0.mlp.up_proj.weight"])

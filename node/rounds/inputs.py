@@ -26,19 +26,33 @@ async def providers_of(dht: Any, network: str, peer_ids: list[str]) -> list[Prov
     return [Provider(p, addrs.get(p, ())) for p in dict.fromkeys(peer_ids)]
 
 
-async def fetch_spec(p2p: Any, providers: list[Provider], digest: bytes) -> RoundSpec | None:
-    """The round spec whose record hash is `digest`, from the first provider that has it."""
+async def fetch_record(
+    p2p: Any, providers: list[Provider], digest: bytes, max_bytes: int
+) -> bytes | None:
+    """Bytes whose record hash is `digest` (a spec, a corpus shard) from the first provider."""
     pool = ProviderPool(p2p, providers)
     for provider in providers:
         try:
             stream = await BlobStream.open(p2p, await pool.connect(provider))
             try:
-                return RoundSpec.from_bytes(await stream.get_record(digest, MAX_SPEC_BYTES))
+                return await stream.get_record(digest, max_bytes)
             finally:
                 stream.close()
-        except (ProviderError, ProtocolError) as err:
-            log.info("round spec not available from %s: %s", provider.peer_id, err)
+        except ProviderError as err:
+            log.info(
+                "record %s not available from %s: %s", digest.hex()[:12], provider.peer_id, err
+            )
     return None
+
+
+async def fetch_spec(p2p: Any, providers: list[Provider], digest: bytes) -> RoundSpec | None:
+    """The round spec whose record hash is `digest`, from the first provider that has it."""
+    data = await fetch_record(p2p, providers, digest, MAX_SPEC_BYTES)
+    try:
+        return RoundSpec.from_bytes(data) if data is not None else None
+    except ProtocolError as err:
+        log.warning("a round spec that does not decode: %s", err)
+        return None
 
 
 class RoundInputs:

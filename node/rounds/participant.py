@@ -50,6 +50,7 @@ class RoundNode:
         self.p2p: Any = None
         self.runs: dict[bytes, Any] = {}
         self.skipped: set[bytes] = set()
+        self.proposers: dict[bytes, bytes] = {}
         self.poll = float(os.environ.get(POLL_ENV, DEFAULT_POLL))
 
     async def host_expert(self, model_dir: Path, domain: str, lineage: bytes) -> bytes:
@@ -82,6 +83,7 @@ class RoundNode:
             if rid in self.skipped or p.deadline_ms < now_ms:
                 continue
             run = self.runs.get(rid)
+            self.proposers[rid] = v.envelope.owner
             if run is None:
                 run = await self._open(p, records.peer_of(v.envelope.owner))
                 if run is None:
@@ -106,13 +108,17 @@ class RoundNode:
             spec = await fetch_spec(self.p2p, providers, p.recipe_hash)
         if spec is None or spec.hash() != p.recipe_hash:
             return None
-        if p.kind != "merge":
+        if (p.kind == "fusion") != (spec.mode == "fuse"):
             self.skipped.add(rid)
             return None
-        if spec.mode == "search":
+        if spec.mode == "fuse":
+            from node.rounds.fuse_run import FuseRun
+
+            run: Any = FuseRun(self, p, spec, root)
+        elif spec.mode == "search":
             from node.rounds.search_peer import ScoreRun
 
-            run: Any = ScoreRun(self, p, spec, root)
+            run = ScoreRun(self, p, spec, root)
         else:
             from node.rounds.merge_run import MergeRun
 

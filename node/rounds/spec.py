@@ -16,7 +16,7 @@ from protocol.errors import ProtocolError
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 4 << 20
 URI = "unode://"
-MODES = ("merge", "search")
+MODES = ("merge", "search", "fuse")
 
 
 @dataclass(frozen=True)

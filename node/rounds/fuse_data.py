@@ -1,0 +1,78 @@
+"""Fusion-round data: corpus shards, and summary directories packed for transfer and combined.
+
+A summaries directory (node/fusion) has a `tokenizer/` subdirectory, which an expert manifest
+does not describe; packing flattens it to `tok.<file>`. Combining puts the per-shard summaries
+of one source back together as one directory for the whole corpus (sequence indexes offset).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.numpy import load_file, save_file
+
+from node.errors import UserError
+from node.fusion.summary_store import FORMAT, file_sha256, write_json_atomic
+
+TOK_PREFIX = "tok."
+
+
+def split_corpus(path: Path, n_shards: int) -> list[bytes]:
+    """Contiguous groups of a jsonl corpus's lines; their concatenation is the file's bytes."""
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise UserError("--corpus", str(path), "give an instruction-response .jsonl file")
+    lines = path.read_bytes().splitlines(keepends=True)
+    examples = [i for i, ln in enumerate(lines) if ln.strip()]
+    if len(examples) < n_shards:
+        raise UserError("--shards", n_shards, f"use at most {len(examples)} (one example each)")
+    cuts = [examples[len(examples) * k // n_shards] for k in range(n_shards)] + [len(lines)]
+    cuts[0] = 0
+    return [b"".join(lines[cuts[k] : cuts[k + 1]]) for k in range(n_shards)]
+
+
+def pack(summary_dir: Path, out: Path) -> None:
+    """A flat copy of a summaries directory (tokenizer files renamed `tok.<name>`)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in summary_dir.iterdir():
+        if f.is_file() and f.name != "progress.json":
+            shutil.copyfile(f, tmp / f.name)
+    for f in (summary_dir / "tokenizer").iterdir():
+        shutil.copyfile(f, tmp / (TOK_PREFIX + f.name))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+
+
+def combine(packed: list[Path], out: Path, corpus_sha256: str) -> None:
+    """One summaries directory over the whole corpus from per-shard packed directories, in order."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tokenizer").mkdir(parents=True)
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in packed]
+    shards, offset = [], 0
+    for k, (d, mf) in enumerate(zip(packed, manifests, strict=True)):
+        if mf.get("format") != FORMAT:
+            raise ValueError(f"{d}: not {FORMAT} summaries")
+        for j, entry in enumerate(mf["shards"]):
+            arrays = load_file(str(d / entry["file"]))
+            arrays["seq_index"] = arrays["seq_index"] + arrays["seq_index"].dtype.type(offset)
+            name = f"shard-{k:05d}-{j:05d}.safetensors"
+            save_file(arrays, str(tmp / name), metadata={"format": FORMAT})
+            shards.append({"file": name, "sha256": file_sha256(tmp / name)})
+        offset += int(mf["n_seqs"])
+    for f in packed[0].iterdir():
+        if f.name.startswith(TOK_PREFIX):
+            shutil.copyfile(f, tmp / "tokenizer" / f.name[len(TOK_PREFIX) :])
+    manifest = {
+        **manifests[0],
+        "corpus_sha256": corpus_sha256,
+        "n_seqs": offset,
+        "shards": shards,
+        "has_offsets": all(m.get("has_offsets", True) for m in manifests),
+    }
+    write_json_atomic(tmp / "manifest.json", manifest)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)

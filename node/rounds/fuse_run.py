@@ -1,0 +1,186 @@
+"""One fusion round on one node. Units are (source expert, corpus shard): a node hosting the
+source summarizes that shard and serves the summaries; the node hosting the target, once every
+unit has a result, fetches them, trains the target (FuseLLM loss, node/fusion) and announces
+the fused model as a new expert whose card names the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from node.network.fetch import fetch_expert
+from node.network.hosting import Hosting
+from node.network.manifest import load_expert
+from node.rounds import fuse_data, records
+from node.rounds.inputs import fetch_record, providers_of
+from node.rounds.spec import RoundSpec
+from protocol.records import RoundProposal
+
+MAX_SHARD_BYTES = 64 << 20
+
+
+class FuseRun:
+    """Drives one fusion round on one node; `step()` does at most one piece of work."""
+
+    def __init__(self, node: Any, proposal: RoundProposal, spec: RoundSpec, root: Path) -> None:
+        self.node, self.proposal, self.spec, self.root = node, proposal, spec, root
+        self.rid, self.me = proposal.round_id, node.identity.public_key
+        self.plan: dict[str, Any] = spec.recipe
+        self.mine: dict[int, bytes] = {}
+        self.done = False
+        self.local = {e.expert_id.hex(): e.model_dir for e, _ in node.hosting.experts}
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "spec").write_bytes(spec.to_bytes())
+        for d in sorted((root / "units").glob("[0-9]*")):  # resume after a restart
+            self.mine[int(d.name)] = self._serve(d)
+
+    @property
+    def finished(self) -> bool:
+        sources = {s for s, _ in map(self._unit, range(len(self.spec.units)))}
+        return self.done or not (self.plan["target"] in self.local or sources & set(self.local))
+
+    def _unit(self, u: int) -> tuple[str, int]:
+        source, shard = self.spec.units[u][0].rsplit(":", 1)
+        return source, int(shard)
+
+    def _serve(self, unit_dir: Path) -> bytes:
+        unit = load_expert(unit_dir, self.root / "manifests")
+        Hosting(self.node.network, 0.0, [(unit, None)]).register(self.node.server)  # type: ignore[list-item]
+        return unit.expert_id
+
+    async def step(self) -> None:
+        n = len(self.spec.units)
+        views = await records.round_view(self.node.dht, self.node.network, self.rid, n)
+        for u in sorted(self.mine):
+            if self.me not in views[u].results:
+                await self._publish(u, 0)
+        results = {u: self._result(u, v) for u, v in views.items()}
+        todo = [u for u in range(n) if results[u] is None and self._unit(u)[0] in self.local]
+        random.Random(self.me).shuffle(todo)
+        for u in todo:
+            holder = views[u].holder(set())
+            if holder in (None, self.me):
+                if holder is None:
+                    await records.claim(
+                        self.node.dht,
+                        self.node.identity,
+                        self.node.network,
+                        self.rid,
+                        u,
+                        self.spec.claim_ttl,
+                    )
+                await self._summarize(u)
+                return
+        if self.plan["target"] in self.local and all(r is not None for r in results.values()):
+            await self._train({u: r for u, r in results.items() if r is not None})
+
+    def _result(self, u: int, view: records.UnitView) -> tuple[bytes, list[bytes]] | None:
+        if u in self.mine:
+            return self.mine[u], [self.me]
+        if not view.results:
+            return None
+        owner, digest = min(view.results.items())  # summaries are not re-verified (see docs)
+        return digest, [o for o, d in view.results.items() if d == digest]
+
+    async def _shard(self, k: int) -> Path:
+        path = self.root / "shards" / f"{k:05d}.jsonl"
+        if not path.is_file():
+            digest = bytes.fromhex(self.plan["shards"][k])
+            peers = [records.peer_of(self.proposal_owner)]
+            data = await fetch_record(
+                self.node.p2p,
+                await providers_of(self.node.dht, self.node.network, peers),
+                digest,
+                MAX_SHARD_BYTES,
+            )
+            if data is None:
+                raise RuntimeError(f"corpus shard {k} is not available")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        self.node.server.add_record(bytes.fromhex(self.plan["shards"][k]), path.read_bytes())
+        return path
+
+    @property
+    def proposal_owner(self) -> bytes:
+        return bytes(self.node.proposers[self.rid])
+
+    async def _summarize(self, u: int) -> None:
+        from node.fusion.summaries import SummarySettings, summarize
+
+        source, k = self._unit(u)
+        shard = await self._shard(k)
+        start = time.monotonic()
+        raw = self.root / "raw" / str(u)
+        opts = self.plan["summary"]
+        settings = SummarySettings(top_k=int(opts["top_k"]), max_len=int(opts["max_len"]))
+        await asyncio.to_thread(summarize, self.local[source], shard, raw, settings, False)
+        fuse_data.pack(raw, self.root / "units" / str(u))
+        self.mine[u] = self._serve(self.root / "units" / str(u))
+        await self._publish(u, int((time.monotonic() - start) * 1000))
+        self.node.say(
+            f"unode: round {self.rid.hex()[:12]}: summarized shard {k} with {source[:12]}"
+        )
+
+    async def _publish(self, u: int, ms: int) -> None:
+        await records.result(
+            self.node.dht, self.node.identity, self.node.network, self.rid, u, self.mine[u], ms
+        )
+
+    async def _fetch_unit(self, u: int, digest: bytes, owners: list[bytes]) -> Path:
+        if self.mine.get(u) == digest:
+            return self.root / "units" / str(u)
+        out = self.root / "fetched" / digest.hex()
+        if not out.is_dir():
+            providers = await providers_of(
+                self.node.dht, self.node.network, [records.peer_of(o) for o in owners]
+            )
+            await fetch_expert(self.node.p2p, providers, digest, out)
+        return out
+
+    async def _train(self, results: dict[int, tuple[bytes, list[bytes]]]) -> None:
+        from node.fusion.train import FuseConfig, fuse
+
+        corpus = self.root / "corpus.jsonl"
+        corpus.write_bytes(
+            b"".join([(await self._shard(k)).read_bytes() for k in range(len(self.plan["shards"]))])
+        )
+        sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
+        if sha != self.plan["corpus_sha256"]:
+            raise RuntimeError("the corpus shards do not add up to the proposed corpus")
+        summaries = []
+        for source in self.plan["sources"]:
+            units = sorted((k, u) for u in results for s, k in [self._unit(u)] if s == source)
+            packed = [await self._fetch_unit(u, *results[u]) for _, u in units]
+            combined = self.root / "summaries" / source
+            await asyncio.to_thread(fuse_data.combine, packed, combined, sha)
+            summaries.append(combined)
+        t = self.plan["train"]
+        out = self.root / "expert" / self.spec.name
+        cfg = FuseConfig(
+            target=self.local[self.plan["target"]],
+            summaries=summaries,
+            corpus=corpus,
+            out=out,
+            fusion=t["fusion"],
+            lam=float(t["lam"]),
+            lr=float(t["lr"]),
+            max_steps=int(t["max_steps"]),
+            batch_size=int(t["batch_size"]),
+            warmup=0,
+            max_len=int(t["max_len"]),
+            eval_seqs=0,
+            progress=False,
+            extra_lineage={"round_id": self.rid.hex()},
+        )
+        await asyncio.to_thread(fuse, cfg)
+        eid = await self.node.host_expert(out, self.spec.domain, self.rid)
+        self.done = True
+        self.node.say(f"UNODE_ROUND_DONE round={self.rid.hex()} expert={eid.hex()}")
+
+    def close(self) -> None:
+        return None
