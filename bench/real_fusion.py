@@ -61,14 +61,10 @@ def write_corpus(path: Path, per_domain: int) -> Path:
     return path
 
 
-def run(cmd: list[str], logfile: Path) -> float:
-    """One CLI step with its output in `logfile`; returns seconds."""
-    return run_parallel([(cmd, logfile)])[0]
-
-
 def run_parallel(steps: list[tuple[list[str], Path]]) -> list[float]:
     """CLI steps side by side, each with its output in its log file; seconds of each."""
-    t0, procs, done = time.perf_counter(), [], {}
+    t0, procs = time.perf_counter(), []
+    done: dict[int, float] = {}
     for cmd, logfile in steps:
         log(" ".join(cmd[1:]))
         procs.append(
@@ -84,12 +80,10 @@ def run_parallel(steps: list[tuple[list[str], Path]]) -> list[float]:
     return [done[i] for i in range(len(procs))]
 
 
-def summarize(model: Path, corpus: Path, out: Path, args: argparse.Namespace) -> float:
-    if (out / "manifest.json").exists():
-        return 0.0
+def summarize_cmd(model: Path, corpus: Path, out: Path, args: argparse.Namespace) -> list[str]:
     cmd = [UNODE, "summarize", "--model", str(model), "--corpus", str(corpus), "--out", str(out),
            "--max-len", str(args.max_len), "--batch-size", "4", "--shard-size", "64"]  # fmt: skip
-    return run(cmd, out.with_suffix(".log"))
+    return cmd
 
 
 def fuse_cmd(lam: float, out: Path, summaries: list[Path], args: argparse.Namespace) -> list[str]:
@@ -130,8 +124,15 @@ def main() -> None:
     args.corpus = write_corpus(args.work / "corpus.jsonl", args.per_domain)
     t: dict[str, float] = {}
     sums = {"gemma": args.work / "sum_gemma3", "smollm2": args.work / "sum_smollm2"}
-    t["summarize gemma3"] = summarize(args.gemma, args.corpus, sums["gemma"], args)
-    t["summarize smollm2"] = summarize(args.smollm2, args.corpus, sums["smollm2"], args)
+    todo = {
+        f"summarize {name}": (model, sums[name])
+        for name, model in (("gemma", args.gemma), ("smollm2", args.smollm2))
+        if not (sums[name] / "manifest.json").exists()
+    }
+    steps = [
+        (summarize_cmd(m, args.corpus, o, args), o.with_suffix(".log")) for m, o in todo.values()
+    ]
+    t.update(zip(todo, run_parallel(steps), strict=True))
     both = [sums["smollm2"], sums["gemma"]]
     runs = {f"fuse (lam={args.lam:g})": (args.lam, args.work / "fused"),
             "clm only (lam=1)": (1.0, args.work / "clm_only")}  # fmt: skip
