@@ -84,7 +84,7 @@ class FuseRun:
             return self.mine[u], [self.me]
         if not view.results:
             return None
-        owner, digest = min(view.results.items())  # summaries are not re-verified (see docs)
+        _, digest = min(view.results.items())  # summaries are not re-verified (see docs)
         return digest, [o for o, d in view.results.items() if d == digest]
 
     async def _shard(self, k: int) -> Path:
