@@ -5,6 +5,7 @@ shards against it.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from node.fusion.summary_store import SummaryReader
@@ -19,11 +20,13 @@ def summary_manifest(
     TensorManifest hash) when it is hosted on the network; by default the local weights hash."""
     reader = SummaryReader(summary_dir)
     m = reader.manifest
+    per_shard = Counter(reader.shard_of(s) for s in range(reader.n_seqs))
     shards = []
     for index, entry in enumerate(m["shards"]):
         data = (Path(summary_dir) / entry["file"]).read_bytes()
-        n_seqs = sum(1 for s in range(m["n_seqs"]) if reader.shard_of(s) == entry["file"])
-        shards.append(ShardEntry(index, len(data), blob_hash(data, chunk_size), n_seqs))
+        shards.append(
+            ShardEntry(index, len(data), blob_hash(data, chunk_size), per_shard[entry["file"]])
+        )
     record = SummaryManifest(
         model_id=model_id if model_id is not None else bytes.fromhex(m["model_sha256"]),
         corpus_hash=bytes.fromhex(m["corpus_sha256"]),
