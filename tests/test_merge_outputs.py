@@ -3,6 +3,7 @@ config/tokenizer/card/lineage files, byte-identical results whatever the order, 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from cli import app
 from node import toymodels
 from node.errors import UserError
 from node.merge.api import merge
+from node.merge.io import TensorMeta
 from node.merge.outputs import LINEAGE_NAME
 
 
@@ -218,3 +220,44 @@ def test_chat_template_text_is_installed(llama_family: Any, tmp_path: Path) -> N
     assert text == "[user] 2+2?\n"
     with pytest.raises(UserError, match="chat_template"):
         merge({**dare(llama_family), "chat_template": "chatml"}, tmp_path / "o2", progress=False)
+
+
+class MemorySource:
+    """A TensorSource that is not a local directory (as a peer's expert will be)."""
+
+    def __init__(self, ref: str, model_dir: Path) -> None:
+        self.ref, self.meta_dir = ref, model_dir
+        self.tensors = load_dir(model_dir)
+        self.reads: list[str] = []
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        return TensorMeta(tuple(self.tensors[name].shape), self.tensors[name].dtype)
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        self.reads.append(name)
+        return self.tensors[name].clone()
+
+    def digest(self) -> str:
+        return "memory:" + self.ref
+
+
+def test_tensor_sources_can_come_from_elsewhere(llama_family: Any, tmp_path: Path) -> None:
+    local = dare(llama_family)
+    remote = copy.deepcopy(local)
+    remote["models"][1]["model"] = "unode://expert-1"
+    src = MemorySource("unode://expert-1", llama_family.variants[1])
+    a = Path(merge(local, tmp_path / "a", progress=False).out_dir)
+    b = Path(
+        merge(remote, tmp_path / "b", progress=False, sources={"unode://expert-1": src}).out_dir
+    )
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert sorted(src.reads) == sorted(src.tensors)
+    assert {
+        "model": "unode://expert-1",
+        "manifest_sha256": "memory:unode://expert-1",
+    } in json.loads((b / LINEAGE_NAME).read_text())["inputs"]
+    with pytest.raises(UserError, match="unode://expert-1"):
+        merge(remote, tmp_path / "c", progress=False)

@@ -153,9 +153,8 @@ def merge(
         )
     finally:
         for s in srcs.values():
-            close = getattr(s, "close", None)
-            if close is not None:
-                close()
+            if isinstance(s, LocalSafetensorsSource) and not (sources and s.ref in sources):
+                s.close()  # only the sources opened here
     return MergeReport(
         method=rec.merge_method,
         out_dir=str(out),
