@@ -125,8 +125,10 @@ def losses(
 @torch.inference_mode()
 def evaluate(
     model: Any, data: list[FusionExample], cfg: FuseConfig, pad_id: int
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """Mean CLM and fusion losses over the first `cfg.eval_seqs` training sequences."""
+    if cfg.eval_seqs <= 0:
+        return None
     was_training = model.training
     model.eval()
     tot = {"clm": 0.0, "fusion": 0.0, "positions": 0.0}
