@@ -5,9 +5,17 @@ ratios of wall and CPU time (unode / mergekit: below 1 is faster). Micro-benchma
 method functions only; bench/merge.py measures whole merges.
 
     .venv/bin/python bench/merge_methods.py [--rows 4096] [--cols 1024] [--repeat 3]
+
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, unless set): on a shared, busy
+machine spinning threads slow every multi-threaded torch op several times over. Both
+sides run in this one process under the same setting.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse
 import time
@@ -103,7 +111,8 @@ def main() -> None:
     tensors = build_tensors(args.rows, args.cols)
     params = args.rows * args.cols
     print(
-        f"{params / 1e6:.1f} M params per tensor, 2 models + base, {torch.get_num_threads()} threads"
+        f"{params / 1e6:.1f} M params per tensor, 2 models + base, {torch.get_num_threads()}"
+        f" threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     print(f"{'method':18} {'unode Mp/s':>10} {'mergekit':>9} {'wall ratio':>10} {'cpu ratio':>9}")
     for method, shared, per_model in RECIPES:
