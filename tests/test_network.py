@@ -146,27 +146,20 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: object) -> It
     # ~14 MB, 39 tensors: enough chunks that a provider can die mid-transfer
     src = toymodels.build_model(tmp / "expert", tokenizer=bpe_tokenizer, hidden=256, seed=3)
     copies = [shutil.copytree(src, tmp / f"copy{i}") for i in range(3)]
-    summary = build_summary(tmp, src)
     nodes: list[NodeProc] = []
     try:
-        a = start_node(
-            tmp / "sa", "--expert", str(copies[0]), "--domain", "code", "--summary", str(summary)
-        )
+        a = start_node(tmp / "sa", "--expert", str(copies[0]), "--domain", "code")
         nodes.append(a)
+        summary = build_summary(tmp, src)  # while A starts
         ready(a)
         b = start_node(
-            tmp / "sb", "--initial-peers", a.maddr, "--expert", str(copies[1]), "--domain", "code"
-        )
+            tmp / "sb", "--initial-peers", a.maddr, "--expert", str(copies[1]), "--domain", "code",
+            "--summary", str(summary),
+        )  # fmt: skip
         liar = start_node(
-            tmp / "sc",
-            "--initial-peers",
-            a.maddr,
-            "--expert",
-            str(copies[2]),
-            "--domain",
-            "code",
+            tmp / "sc", "--initial-peers", a.maddr, "--expert", str(copies[2]), "--domain", "code",
             env={"UNODE_TEST_CORRUPT_SERVING": "1"},
-        )
+        )  # fmt: skip
         nodes += [b, liar]
         ready(b), ready(liar)
         expert_id = load_expert(src, tmp / "cache").expert_id
@@ -175,6 +168,64 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: object) -> It
         for n in nodes:
             n.terminate()  # all at once: each takes a few seconds to withdraw and stop
         for n in nodes:
+            n.stop()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(swarm: Swarm) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """`unode experts` and `unode fetch` run as real commands, side by side (they take seconds
+    each to start: running them together keeps the suite fast)."""
+    common = ["--network", NETWORK, "--initial-peers", swarm.a.maddr]
+    hex_id = swarm.expert_id.hex()
+    cmds = {
+        "experts": [UNODE, "experts", *common, "--json"],
+        "fetch": [UNODE, "fetch", hex_id[:12], str(swarm.tmp / "fetched-cli"), *common],
+    }
+    runs = {
+        k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, c in cmds.items()
+    }
+    try:
+        yield runs
+    finally:
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def lifecycle_nodes(
+    swarm: Swarm, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, NodeProc]]:
+    """Two more nodes, started together: one with the built-in default expert, one with its own."""
+    tmp = tmp_path_factory.mktemp("life")
+    other = toymodels.build_model(tmp / "other", vocab_size=128, hidden=32, layers=1, seed=9)
+    nodes = {
+        "default": start_node(tmp / "sd", "--initial-peers", swarm.a.maddr),
+        "other": start_node(
+            tmp / "se",
+            "--initial-peers",
+            swarm.a.maddr,
+            "--expert",
+            str(other),
+            "--domain",
+            "prose",
+        ),
+    }
+    try:
+        for n in nodes.values():
+            ready(n)
+        yield nodes
+    finally:
+        for n in nodes.values():
+            n.terminate()
+        for n in nodes.values():
             n.stop()
 
 
@@ -197,15 +248,12 @@ def assert_same_tree(got: Path, want: Path) -> None:
         assert (got / name).read_bytes() == (want / name).read_bytes(), name
 
 
-def test_experts_lists_the_hosted_expert_with_its_providers(swarm: Swarm) -> None:
-    out = subprocess.run(
-        [UNODE, "experts", "--network", NETWORK, "--initial-peers", swarm.a.maddr, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr
-    experts = json.loads(out.stdout)
+def test_experts_lists_the_hosted_expert_with_its_providers(
+    swarm: Swarm, cli_runs: dict[str, subprocess.Popen[str]]
+) -> None:
+    code, out, err = finish(cli_runs["experts"])
+    assert code == 0, err
+    experts = json.loads(out)
     assert [e["expert_id"] for e in experts] == [swarm.expert_id.hex()]
     assert experts[0]["domains"] == ["code"]
     assert experts[0]["architecture"] == "LlamaForCausalLM"
@@ -214,30 +262,18 @@ def test_experts_lists_the_hosted_expert_with_its_providers(swarm: Swarm) -> Non
     )
 
 
-def test_fetch_cli_rebuilds_a_bit_identical_directory(swarm: Swarm) -> None:
+def test_fetch_cli_rebuilds_a_bit_identical_directory(
+    swarm: Swarm, cli_runs: dict[str, subprocess.Popen[str]]
+) -> None:
     out_dir = swarm.tmp / "fetched-cli"
-    out = subprocess.run(
-        [
-            UNODE,
-            "fetch",
-            swarm.expert_id.hex()[:12],
-            str(out_dir),
-            "--network",
-            NETWORK,
-            "--initial-peers",
-            swarm.b.maddr,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "all chunks verified" in out.stdout
+    code, out, err = finish(cli_runs["fetch"])
+    assert code == 0, err
+    assert "all chunks verified" in out
     assert_same_tree(out_dir, swarm.expert_dir)
     assert not out_dir.with_name(out_dir.name + ".partial").exists()
     # whoever the liar served was caught: the output is identical whatever the order
-    if swarm.liar.peer_id in out.stderr:
-        assert "lied" in out.stderr
+    if swarm.liar.peer_id in err:
+        assert "lied" in err
 
 
 def test_provider_that_alters_bytes_is_dropped_and_logged(
@@ -310,87 +346,36 @@ def test_fetch_resumes_from_the_journal_after_an_interruption(
     assert not partial.exists()
 
 
-def test_fetch_fails_over_when_a_provider_is_killed_mid_transfer(
-    swarm: Swarm, client: Session
-) -> None:
-    out_dir = swarm.tmp / "fetched-failover"
-    victim = swarm.b
-    honest = [
-        Provider(swarm.a.peer_id, (swarm.a.maddr,)),
-        Provider(victim.peer_id, (victim.maddr,)),
-    ]
-    killed: list[int] = []
-
-    def kill_victim(done: int, total: int) -> None:
-        if not killed and done >= 2 << 20:
-            os.kill(victim.proc.pid, signal.SIGKILL)  # no chance to clean up
-            killed.append(done)
-
-    async def run() -> FetchReport:
-        try:
-            return await fetch_expert(
-                await client.p2p(), honest, swarm.expert_id, out_dir, 4, kill_victim
-            )
-        finally:
-            await client.close_p2p()
-
-    report = asyncio.run(run())
-    assert killed and killed[0] < report.total_bytes // 2
-    assert_same_tree(out_dir, swarm.expert_dir)
-    assert victim.peer_id in report.dropped
-    # its DHT process and p2pd die with it (parent-death signal): no orphans
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(pid_alive(p) for p in victim.family):
-        time.sleep(0.1)
-    assert not [p for p in victim.family if pid_alive(p)]
-
-
 def test_withdrawn_expert_disappears_and_shutdown_leaves_no_process(
-    swarm: Swarm, client: Session, tmp_path: Path
+    client: Session, lifecycle_nodes: dict[str, NodeProc]
 ) -> None:
     """The built-in default expert; SIGINT withdraws it, stops DHT and p2pd, exits 0."""
-    node = ready(start_node(tmp_path / "sd", "--initial-peers", swarm.a.maddr))
-    try:
-        assert any(
-            "built-in default expert" in line or "hosting expert" in line for line in node.seen
-        )
-        family = node.family
-        assert len(family) >= 2  # the DHT process and its p2pd
-        p2pd = [p for p in family if "p2pd" in Path(f"/proc/{p}/cmdline").read_text()]
-        assert len(p2pd) == 1
+    node = lifecycle_nodes["default"]
+    assert any("built-in default expert" in line for line in node.seen)
+    family = node.family
+    p2pd = [p for p in family if "p2pd" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(p2pd) == 1  # below the node: its DHT process, and p2pd below that
 
-        async def experts() -> set[str]:
-            return {p for k in await list_experts(client.dht, NETWORK) for p in k.owners}
+    async def experts() -> set[str]:
+        return {p for k in await list_experts(client.dht, NETWORK) for p in k.owners}
 
-        assert node.peer_id in asyncio.run(experts())
-        node.proc.send_signal(signal.SIGINT)
-        assert node.proc.wait(20) == 0
-        assert not [p for p in family if pid_alive(p)]
-        assert node.peer_id not in asyncio.run(experts())
-    finally:
-        node.stop()
+    assert node.peer_id in asyncio.run(experts())
+    node.proc.send_signal(signal.SIGINT)
+    assert node.proc.wait(20) == 0
+    assert not [p for p in family if pid_alive(p)]
+    assert node.peer_id not in asyncio.run(experts())
 
 
-def test_sigterm_during_service_exits_zero_without_orphans(swarm: Swarm, tmp_path: Path) -> None:
-    node = ready(
-        start_node(
-            tmp_path / "se",
-            "--initial-peers",
-            swarm.a.maddr,
-            "--expert",
-            str(swarm.expert_dir),
-            "--domain",
-            "prose",
-        )
-    )
-    try:
-        family = node.family
-        node.proc.send_signal(signal.SIGTERM)
-        assert node.proc.wait(20) == 0
-        node.wait_for("unode: stopped", timeout=5)
-        assert not [p for p in family if pid_alive(p)]
-    finally:
-        node.stop()
+def test_sigterm_during_service_exits_zero_without_orphans(
+    lifecycle_nodes: dict[str, NodeProc],
+) -> None:
+    node = lifecycle_nodes["other"]
+    family = node.family
+    assert len(family) >= 2
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(20) == 0
+    node.wait_for("unode: stopped", timeout=5)
+    assert not [p for p in family if pid_alive(p)]
 
 
 def test_merge_reads_a_unode_expert_from_the_network_identical_to_local(
@@ -440,7 +425,7 @@ def test_summary_shards_are_served_and_fetched_verified(swarm: Swarm, client: Se
 
     async def run() -> tuple[object, list[Path]]:
         providers = await find_summary_providers(client.dht, NETWORK, hosted.manifest_hash)
-        assert [p.peer_id for p in providers] == [swarm.a.peer_id]
+        assert [p.peer_id for p in providers] == [swarm.b.peer_id]
         try:
             return await fetch_summary(
                 await client.p2p(), providers, hosted.manifest_hash, swarm.tmp / "summ-out"
@@ -455,3 +440,38 @@ def test_summary_shards_are_served_and_fetched_verified(swarm: Swarm, client: Se
     ]
     assert len(paths) == len(shards) >= 2
     assert [p.read_bytes() for p in paths] == [s.read_bytes() for s in shards]
+
+
+def test_fetch_fails_over_when_a_provider_is_killed_mid_transfer(
+    swarm: Swarm, client: Session
+) -> None:
+    out_dir = swarm.tmp / "fetched-failover"
+    victim = swarm.b
+    honest = [
+        Provider(swarm.a.peer_id, (swarm.a.maddr,)),
+        Provider(victim.peer_id, (victim.maddr,)),
+    ]
+    killed: list[int] = []
+
+    def kill_victim(done: int, total: int) -> None:
+        if not killed and done >= 2 << 20:
+            os.kill(victim.proc.pid, signal.SIGKILL)  # no chance to clean up
+            killed.append(done)
+
+    async def run() -> FetchReport:
+        try:
+            return await fetch_expert(
+                await client.p2p(), honest, swarm.expert_id, out_dir, 4, kill_victim
+            )
+        finally:
+            await client.close_p2p()
+
+    report = asyncio.run(run())
+    assert killed and killed[0] < report.total_bytes // 2
+    assert_same_tree(out_dir, swarm.expert_dir)
+    assert victim.peer_id in report.dropped
+    # its DHT process and p2pd die with it (parent-death signal): no orphans
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in victim.family):
+        time.sleep(0.1)
+    assert not [p for p in victim.family if pid_alive(p)]
