@@ -3,7 +3,8 @@
 Builds a tiny Llama-shaped base and three fine-tune-like variants (fp32), merges each recipe
 with both tools in this process and prints, per method, the largest absolute difference over
 all tensors, how many elements differ by more than 1e-5, and for the random methods (DARE,
-DELLA) the kept fraction and the delta-norm ratio instead.
+DELLA) the kept fraction and the delta-norm ratio instead. Elements tied at a sparsification
+cut are chosen as mergekit chooses them unless --own-ties.
 
     .venv/bin/python bench/parity.py [--methods ties,slerp]
 """
@@ -90,6 +91,7 @@ def compare_random(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="")
+    ap.add_argument("--own-ties", action="store_true", help="unode's order for tied magnitudes")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     from mergekit.config import MergeConfiguration
