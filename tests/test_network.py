@@ -25,7 +25,7 @@ import pytest
 
 from node import toymodels
 from node.network.config import NetworkConfig
-from node.network.discovery import Provider, find_providers, list_experts
+from node.network.discovery import Provider, find_providers, list_experts, live_peers
 from node.network.fetch import FetchReport, Progress, fetch_expert
 from node.network.manifest import load_expert
 from node.network.process import descendant_pids, kill_all, pid_alive
@@ -180,6 +180,7 @@ def cli_runs(swarm: Swarm) -> Iterator[dict[str, subprocess.Popen[str]]]:
     cmds = {
         "experts": [UNODE, "experts", *common, "--json"],
         "fetch": [UNODE, "fetch", hex_id[:12], str(swarm.tmp / "fetched-cli"), *common],
+        "peers": [UNODE, "peers", *common, "--json"],
     }
     runs = {
         k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -208,8 +209,10 @@ def lifecycle_nodes(
     other = toymodels.build_model(tmp / "other", vocab_size=128, hidden=32, layers=1, seed=9)
     nodes = {
         "default": start_node(tmp / "sd", "--initial-peers", swarm.a.maddr),
-        "other": start_node(
+        "other": start_node(  # announcements live 30 s, re-signed every 10 s
             tmp / "se",
+            "--ttl",
+            "30",
             "--initial-peers",
             swarm.a.maddr,
             "--expert",
@@ -260,6 +263,18 @@ def test_experts_lists_the_hosted_expert_with_its_providers(
     assert sorted(experts[0]["providers"]) == sorted(
         [swarm.a.peer_id, swarm.b.peer_id, swarm.liar.peer_id]
     )
+
+
+def test_peers_lists_every_live_node_and_what_it_serves(
+    swarm: Swarm, cli_runs: dict[str, subprocess.Popen[str]]
+) -> None:
+    code, out, err = finish(cli_runs["peers"])
+    assert code == 0, err
+    peers = {p["peer_id"]: p for p in json.loads(out)}
+    assert set(peers) == {swarm.a.peer_id, swarm.b.peer_id, swarm.liar.peer_id}
+    for node in (swarm.a, swarm.b, swarm.liar):
+        assert peers[node.peer_id]["experts"] == [swarm.expert_id.hex()]
+        assert node.maddr in peers[node.peer_id]["maddrs"]
 
 
 def test_fetch_cli_rebuilds_a_bit_identical_directory(
@@ -366,10 +381,24 @@ def test_withdrawn_expert_disappears_and_shutdown_leaves_no_process(
     assert node.peer_id not in asyncio.run(experts())
 
 
-def test_sigterm_during_service_exits_zero_without_orphans(
-    lifecycle_nodes: dict[str, NodeProc],
+def test_announcements_are_refreshed_before_expiry_then_sigterm_stops_cleanly(
+    client: Session, lifecycle_nodes: dict[str, NodeProc]
 ) -> None:
     node = lifecycle_nodes["other"]
+
+    async def expiry() -> float:
+        found = [
+            v for v in await live_peers(client.dht, NETWORK) if v.record.peer_id == node.peer_id
+        ]
+        assert found and found[0].record.experts  # live, serving its expert
+        return found[0].envelope.expiration
+
+    first = asyncio.run(expiry())
+    assert first - time.time() <= 31
+    deadline = time.monotonic() + 40
+    while asyncio.run(expiry()) == first:  # re-signed at ttl/3 with a later expiration
+        assert time.monotonic() < deadline, "the PeerRecord was not refreshed"
+        time.sleep(2)
     family = node.family
     assert len(family) >= 2
     node.proc.send_signal(signal.SIGTERM)
