@@ -207,6 +207,7 @@ def fuse(cfg: FuseConfig) -> Path | None:
         _truncate_log(work / "train_log.jsonl", state["step"])
     else:
         work.mkdir(parents=True, exist_ok=True)
+        (work / "train_log.jsonl").unlink(missing_ok=True)  # from a run that never checkpointed
         state = {"step": 0, "eval_before": evaluate(model, data, cfg, pad_id)}
     _run_steps(model, opt, data, cfg, pad_id, total, state, work)
     if state["step"] < total:
