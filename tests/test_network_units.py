@@ -273,6 +273,11 @@ def test_plan_places_tensors_from_a_valid_header() -> None:
         ),
         (
             {"a": ("F32", [2], (0, 8))},
+            {"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}},
+            "disagrees",
+        ),
+        (
+            {"a": ("F32", [2], (0, 8))},
             {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}},
             "two integers",
         ),
@@ -286,6 +291,15 @@ def test_plan_rejects_hostile_headers(tensors: Any, header_override: Any, proble
         body = json.dumps({**json.loads(raw[8:]), **header_override}).encode()
         raw = struct.pack("<Q", len(body)) + body
     with pytest.raises(SchemaError, match=problem):
+        tensor_pieces(manifest, {"model.safetensors": raw})
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"\x01", struct.pack("<Q", 99) + b"{}", struct.pack("<Q", 2) + b"[]"]
+)
+def test_plan_rejects_malformed_header_entries(raw: bytes) -> None:
+    manifest, _ = _manifest_and_header({"a": ("F32", [2], (0, 8))})
+    with pytest.raises(SchemaError, match="header"):
         tensor_pieces(manifest, {"model.safetensors": raw})
 
 

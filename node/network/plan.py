@@ -54,15 +54,7 @@ def tensor_pieces(
     pieces: list[Piece] = []
     sizes: dict[str, int] = {}
     for shard, raw in sorted(headers.items()):
-        (n,) = struct.unpack("<Q", raw[:8])
-        if 8 + n != len(raw):
-            raise SchemaError(f"{shard}: header length field disagrees with the header entry")
-        try:
-            header = json.loads(raw[8:])
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SchemaError(f"{shard}: header is not JSON") from err
-        if not isinstance(header, dict):
-            raise SchemaError(f"{shard}: header is not a JSON object")
+        n, header = _parse_header(shard, raw)
         spans = []
         for name, info in header.items():
             if name == "__metadata__":
@@ -71,27 +63,29 @@ def tensor_pieces(
             if entry is None or not isinstance(info, dict):
                 raise SchemaError(f"{shard}: tensor {name!r} is not in the manifest (or twice)")
             lo, hi = _offsets(info)
-            if (
-                info.get("dtype") != entry.dtype
-                or list(info.get("shape", ())) != list(entry.shape)
-                or hi - lo != entry.nbytes
-            ):
+            same = info.get("dtype") == entry.dtype and info.get("shape") == list(entry.shape)
+            if not same or hi - lo != entry.nbytes:
                 raise SchemaError(f"{shard}: tensor {name!r} disagrees with the manifest")
             spans.append((lo, hi))
-            pieces.append(
-                Piece(
-                    entry.hash,
-                    object_meta(entry.dtype, entry.shape),
-                    entry.nbytes,
-                    shard,
-                    8 + n + lo,
-                )
-            )
-        end = _check_tiling(shard, spans)
-        sizes[shard] = 8 + n + end
+            meta = object_meta(entry.dtype, entry.shape)
+            pieces.append(Piece(entry.hash, meta, entry.nbytes, shard, 8 + n + lo))
+        sizes[shard] = 8 + n + _check_tiling(shard, spans)
     if by_name:
         raise SchemaError(f"tensors no shard header places: {sorted(by_name)[:5]}")
     return pieces, sizes
+
+
+def _parse_header(shard: str, raw: bytes) -> tuple[int, dict[str, object]]:
+    """(n, header JSON) of a shard's `8-byte length + JSON` header entry."""
+    if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] != len(raw) - 8:
+        raise SchemaError(f"{shard}: header length field disagrees with the header entry")
+    try:
+        header = json.loads(raw[8:])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SchemaError(f"{shard}: header is not JSON") from err
+    if not isinstance(header, dict):
+        raise SchemaError(f"{shard}: header is not a JSON object")
+    return len(raw) - 8, header
 
 
 def _offsets(info: dict[str, object]) -> tuple[int, int]:
