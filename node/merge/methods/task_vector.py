@@ -106,8 +106,9 @@ class TaskVectorMerge:
         per_model = read_model_params(self.model_params, inputs, keys)
         deltas = self._sparse_deltas(inputs, keys, base, params["rescale"], per_model)
         weights = torch.tensor(per_model["weight"], dtype=deltas.dtype)
+        for delta, weight in zip(deltas, weights.tolist(), strict=True):
+            delta.mul_(weight)  # a scalar per row: broadcasting an (N, 1, ...) tensor is slower
         weights = weights.view(-1, *([1] * base.dim()))  # (N, 1, ..., 1)
-        deltas.mul_(weights)
         if self.consensus:
             mixed, divisor = sign_consensus_sum(deltas, per_model["weight"], weighted=True)
             divisor.add_(torch.eq(divisor, 0, out=torch.empty(divisor.shape)))  # 0 -> 1
