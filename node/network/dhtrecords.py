@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 
 from hivemind.utils import get_dht_time
 
+from node.metrics import registry as metrics
 from protocol.errors import ProtocolError
 from protocol.schema import Record
 from protocol.signing import SignedRecord, open_record
@@ -33,7 +34,10 @@ async def put(dht: Any, signed: SignedRecord) -> bool:
     future = dht.store(
         signed.key, signed.to_bytes(), signed.expiration, subkey=signed.subkey, return_future=True
     )
-    return bool(await future)
+    stored = bool(await future)
+    if stored:
+        metrics.RECORDS_PUBLISHED.inc()
+    return stored
 
 
 async def get_verified(dht: Any, key: str, kind: type[R], latest: bool = True) -> list[Verified[R]]:
@@ -55,6 +59,7 @@ async def get_verified(dht: Any, key: str, kind: type[R], latest: bool = True) -
                 raise ProtocolError(f"{type(record).__name__} where a {kind.__name__} belongs")
         except ProtocolError as err:
             log.warning("dropped a record under %s (subkey %r): %s", key, subkey, err)
+            metrics.RECORDS_REJECTED.inc()
             continue
         out.append(Verified(envelope, record))
     return out

@@ -69,6 +69,9 @@ async def _serve(
     server = BlobServer()
     hosting.register(server)
     await server.start(p2p)
+    from node.metrics.stats import serve_stats  # uptime and traffic, for `unode dashboard`
+
+    await serve_stats(p2p, session.peer_id)
     _print_address(cfg, session, out)
     await hosting.announce(session)
     from node.rounds.participant import start_rounds  # cooperative rounds (UNODE_ROUNDS=off)

@@ -13,6 +13,7 @@ from typing import Any
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from node.metrics import registry as metrics
 from node.network.client import BlobStream, ProviderError, ProviderLied, Target
 from node.network.discovery import Provider
 
@@ -71,10 +72,12 @@ class ProviderPool:
     def succeeded(self, provider: Provider, nbytes: int) -> None:
         self.strikes[provider.peer_id] = 0
         self.served[provider.peer_id] += nbytes
+        metrics.fetched(nbytes)
 
     def _drop(self, pid: str, reason: str) -> None:
         self.alive.pop(pid, None)
         self.dropped[pid] = reason
+        metrics.provider_dropped(lied=reason.startswith("lied"))
 
 
 class StreamCache:

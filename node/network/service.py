@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.metrics import registry as metrics
 from node.network import wire
 from protocol.stream import CHUNK, CHUNK_OVERHEAD, StreamHeader, length_prefixed
 
@@ -113,6 +114,7 @@ class BlobServer:
                 writer, wire.encode_reply(wire.BlobReply(True, length=len(data))) + data
             )
             self.served_bytes[peer] += len(data)
+            metrics.served(len(data))
             return
         obj = self.objects.get(req.digest)
         if obj is None or req.start > len(obj.header.chunks):
@@ -139,6 +141,7 @@ class BlobServer:
                 writer.write(frame_prefix(index, size, header.chunks[index]))
                 writer.write(self._maybe_corrupt(data))
                 self.served_bytes[peer] += size
+                metrics.served(size)
                 await writer.drain()
         finally:
             os.close(fd)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.metrics import registry as metrics
 from node.network.fetch import fetch_expert
 from node.network.hosting import Hosting
 from node.network.manifest import load_expert
@@ -97,6 +98,7 @@ class MergeRun:
                 for owner, digest in view.results.items():
                     if digest != self.mine[u] and owner not in self.cheaters:
                         self.cheaters.add(owner)
+                        metrics.UNITS_FAILED.labels("merge").inc()
                         self.node.say(
                             f"unode: round {self.rid.hex()[:12]}: rejected unit {u} of worker "
                             f"{records.peer_of(owner)}: its result does not match the recomputation; "
@@ -180,6 +182,7 @@ class MergeRun:
             )
             await asyncio.sleep(delay)
         ms = int((time.monotonic() - start) * 1000)
+        metrics.UNITS_DONE.labels("merge").inc()
         await records.result(
             self.node.dht, self.node.identity, self.node.network, self.rid, unit, digest, ms
         )
