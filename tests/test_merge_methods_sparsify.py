@@ -335,3 +335,19 @@ def test_sce_variance_is_torch_var_bit_for_bit(count: int) -> None:
     deltas = torch.randn(count, 70_000, generator=g) * 0.01 + torch.randn(1, 70_000, generator=g)
     expected = torch.var(deltas, dim=0, unbiased=False)
     assert torch.equal(population_variance(deltas), expected)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (2, 1), (3, 5, 4), (16, 40, 3)])
+def test_della_ranks_along_dim_one_for_any_shape(shape: tuple[int, ...]) -> None:
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(12))
+    got = sparsify.della_magprune(delta.clone(), 0.5, 0.2, True, torch.Generator().manual_seed(0))
+    assert got.shape == delta.shape
+    kept = got != 0
+    scale = got[kept] / delta[kept]  # one l1 rescale factor for the whole tensor
+    if scale.numel():
+        torch.testing.assert_close(scale, torch.full_like(scale, float(scale[0])))
+    if delta.dim() == 3 and delta.shape[1] > 20:  # the largest along dim 1 are kept more often
+        ranks = delta.abs().argsort(dim=1).argsort(dim=1)
+        top = kept[ranks >= delta.shape[1] // 2].float().mean()
+        bottom = kept[ranks < delta.shape[1] // 2].float().mean()
+        assert top > bottom + 0.1

@@ -20,7 +20,7 @@ def apply_mask(
 ) -> torch.Tensor:
     """delta *= keep in place (`w` = |delta| flat, `keep` a float 0/1 mask of as many elements),
     scaled back to delta's l1 norm when `rescale` (mergekit: not when a norm is < 1e-7)."""
-    keep = keep.view(-1)
+    keep = keep.reshape(-1)
     if rescale:
         l1_before = w.sum()
         l1_after = torch.dot(w, keep)  # |kept| summed in one pass, no masked copy
