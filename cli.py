@@ -316,27 +316,55 @@ def _network_logging(verbose: bool) -> None:
 def join_cmd(
     initial_peers: InitialPeers = None,
     host_maddr: Annotated[
-        list[str] | None, typer.Option("--host-maddr", help="Listen multiaddr (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--host-maddr", help="Listen multiaddr (repeatable).", envvar="UNODE_HOST_MADDR"
+        ),
     ] = None,
     announce_maddr: Annotated[
-        list[str] | None, typer.Option("--announce-maddr", help="Public multiaddr to announce.")
+        list[str] | None,
+        typer.Option(
+            "--announce-maddr",
+            help="Public multiaddr to announce.",
+            envvar="UNODE_ANNOUNCE_MADDR",
+        ),
     ] = None,
     network: NetName = None,
     state_dir: StateDir = None,
     expert: Annotated[
-        list[Path] | None, typer.Option("--expert", help="Model directory to host (repeatable).")
+        list[Path] | None,
+        typer.Option(
+            "--expert", help="Model directory to host (repeatable).", envvar="UNODE_EXPERT"
+        ),
     ] = None,
     domain: Annotated[
-        list[str] | None, typer.Option("--domain", help="Domain of each --expert, in order.")
+        list[str] | None,
+        typer.Option("--domain", help="Domain of each --expert, in order.", envvar="UNODE_DOMAIN"),
     ] = None,
     ttl: Annotated[
-        float, typer.Option(help="Seconds an announcement lives (refreshed at ttl/3).")
+        float,
+        typer.Option(
+            help="Seconds an announcement lives (refreshed at ttl/3).", envvar="UNODE_TTL"
+        ),
     ] = 300.0,
     summary: Annotated[
         list[Path] | None,
-        typer.Option("--summary", help="Distribution-summary directory to serve (repeatable)."),
+        typer.Option(
+            "--summary",
+            help="Distribution-summary directory to serve (repeatable).",
+            envvar="UNODE_SUMMARY",
+        ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    allowlist: Annotated[
+        Path | None,
+        typer.Option(
+            "--allowlist",
+            help="Private network: file of trusted peer ids; env UNODE_ALLOWLIST.",
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", envvar="UNODE_VERBOSE")] = False,
+    metrics_port: MetricsPort = None,
+    log_format: LogFormat = "text",
 ) -> None:
     """Join (or start) a network: host experts, serve their tensors, announce them; Ctrl+C stops."""
     from node.network.config import JoinConfig, check_summary_dir, hosted_experts
@@ -344,6 +372,7 @@ def join_cmd(
 
     _network_logging(verbose)
     try:
+        _observability(metrics_port, log_format)  # see the dashboard section
         if not 30.0 <= ttl <= 86400.0:
             raise UserError("--ttl", ttl, "use 30 to 86400 seconds")
         net = _net_config(
@@ -352,6 +381,7 @@ def join_cmd(
             host_maddrs=host_maddr,
             announce_maddrs=announce_maddr,
             state_dir=state_dir,
+            allowlist=allowlist,
         )
         summaries = tuple(check_summary_dir(p) for p in summary or [])
         cfg = JoinConfig(net, hosted_experts(expert, domain), ttl, summaries)  # type: ignore[arg-type]

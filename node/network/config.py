@@ -13,6 +13,7 @@ from pathlib import Path
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.errors import UserError
+from node.network.allowlist import allowlist_from
 from protocol.errors import VersionError
 from protocol.identity import default_state_dir
 from protocol.version import check_network_name
@@ -41,6 +42,7 @@ class NetworkConfig:
     host_maddrs: tuple[str, ...] = (DEFAULT_HOST_MADDR,)
     announce_maddrs: tuple[str, ...] = ()
     state_dir: Path = field(default_factory=lambda: default_state_dir())
+    allowlist: frozenset[bytes] | None = None  # private network: trusted owner keys (allowlist.py)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def network_config(
     host_maddrs: list[str] | None = None,
     announce_maddrs: list[str] | None = None,
     state_dir: Path | None = None,
+    allowlist: Path | None = None,
 ) -> NetworkConfig:
     return NetworkConfig(
         network=check_network(network or os.environ.get(ENV_NETWORK) or DEFAULT_NETWORK),
@@ -103,6 +106,7 @@ def network_config(
             check_maddr("--announce-maddr", m, False) for m in announce_maddrs or []
         ),
         state_dir=Path(state_dir) if state_dir else default_state_dir(),
+        allowlist=allowlist_from(allowlist),  # the file, else $UNODE_ALLOWLIST, else open
     )
 
 

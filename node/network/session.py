@@ -17,6 +17,7 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P
 
 from node.errors import UserError
+from node.network.allowlist import allowlist_validators, check_own_key
 from node.network.config import NetworkConfig
 from node.network.process import NodeDHT
 from protocol.errors import IdentityError
@@ -47,7 +48,7 @@ class Session:
         validators: list[RecordValidatorBase] | None = None,
     ) -> None:
         self.net, self.persistent = net, persistent
-        self.validators = validators or []
+        self.validators = (validators or []) + allowlist_validators(net.allowlist)
         self.identity: Identity | None = None
         self.dht: NodeDHT | None = None
         self._p2p: Any = None
@@ -57,6 +58,7 @@ class Session:
         kwargs: dict[str, Any] = {}
         if self.persistent:
             self.identity = _load_identity(self.net.state_dir)
+            check_own_key(self.net.allowlist, self.identity.public_key)
             kwargs["identity_path"] = str(self.net.state_dir / KEY_FILE_NAME)
             # hivemind's "identity already taken?" probe parses only RSA keys (ours is Ed25519)
             kwargs["check_if_identity_free"] = False
