@@ -8,6 +8,7 @@ killed in teardown, and the lifecycle tests check that no process outlives its n
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -408,12 +409,12 @@ def test_announcements_are_refreshed_before_expiry_then_sigterm_stops_cleanly(
 
 
 def test_merge_reads_a_unode_expert_from_the_network_identical_to_local(
-    swarm: Swarm, tmp_path: Path
+    swarm: Swarm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`model: unode://<id>` in a recipe: tensors fetched as the merge needs them (the liar in
     the swarm is caught on the way), output byte-identical to merging the local copy."""
     from node.merge.api import merge
-    from node.network.source import open_network_sources
+    from node.network import source as source_mod
 
     variant = toymodels.make_variant(swarm.expert_dir, tmp_path / "variant", seed=70)
 
@@ -425,15 +426,13 @@ def test_merge_reads_a_unode_expert_from_the_network_identical_to_local(
         }
 
     ref = f"unode://{swarm.expert_id.hex()}"
-    net = NetworkConfig(network=NETWORK, initial_peers=(swarm.a.maddr,), host_maddrs=(LOOPBACK,))
-    sources, by_ref = open_network_sources([ref, str(variant)], net, tmp_path / "cache")
-    assert sources is not None and list(by_ref) == [ref]
-    try:
-        merge(recipe(ref), tmp_path / "net", sources=by_ref, progress=False)
-    finally:
-        for s in by_ref.values():
-            s.close()  # type: ignore[attr-defined]
-        sources.close()
+    # as `unode merge` does: the merge engine opens unode:// models itself, from the environment
+    monkeypatch.setenv("UNODE_INITIAL_PEERS", swarm.a.maddr)
+    monkeypatch.setenv("UNODE_NETWORK", NETWORK)
+    monkeypatch.setenv("UNODE_STATE_DIR", str(tmp_path / "state"))
+    merge(recipe(ref), tmp_path / "net", progress=False)
+    gc.collect()
+    assert not source_mod._SHARED  # the merge closed its sources: the session is gone
     merge(recipe(str(swarm.expert_dir)), tmp_path / "local", progress=False)
     out_files = sorted(p.name for p in (tmp_path / "local").glob("*.safetensors"))
     assert out_files and out_files == sorted(
@@ -441,9 +440,8 @@ def test_merge_reads_a_unode_expert_from_the_network_identical_to_local(
     )
     for name in out_files:
         assert (tmp_path / "net" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
-    assert (tmp_path / "cache" / swarm.expert_id.hex() / "config.json").read_bytes() == (
-        swarm.expert_dir / "config.json"
-    ).read_bytes()
+    cached = tmp_path / "state" / "merge-cache" / swarm.expert_id.hex()
+    assert (cached / "config.json").read_bytes() == (swarm.expert_dir / "config.json").read_bytes()
 
 
 def test_summary_shards_are_served_and_fetched_verified(swarm: Swarm, client: Session) -> None:

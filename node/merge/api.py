@@ -84,13 +84,10 @@ def open_sources(
         fld = model_field(recipe, ref)
         if given is not None and ref in given:
             out[ref] = given[ref]
-        elif ref.startswith("unode://"):
-            raise UserError(
-                fld,
-                ref,
-                "fetch the expert into a local directory first",
-                "network source not available here",
-            )
+        elif ref.startswith("unode://"):  # fetched tensor by tensor from peers (node.network)
+            from node.network.source import open_network_source
+
+            out[ref] = open_network_source(ref, fld)
         else:
             out[ref] = LocalSafetensorsSource(ref, Path(ref).expanduser(), fld)
     return out

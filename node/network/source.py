@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import weakref
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +63,27 @@ class NetworkSources:
         )
         self.session.start()
         self._thread.start()
+        self._users, self._closed = 0, False
+        self._lock = threading.Lock()
+
+    def release_soon(self, cache: StreamCache) -> None:
+        """A source is done (closed or garbage-collected, from any thread): close its streams,
+        and the shared session once its last source is done. Never blocks the loop thread."""
+        if threading.current_thread() is self._thread:
+            threading.Thread(target=self.release_soon, args=(cache,), daemon=True).start()
+            return
+        if not self._closed:
+            self.call(_close_streams(cache))
+        self.release()
+
+    def release(self) -> None:
+        """One source is done; the last one to finish closes the session if it is shared."""
+        with self._lock:
+            self._users -= 1
+            last = self._users <= 0 and _SHARED.get(self.net) is self
+        if last:
+            _SHARED.pop(self.net, None)
+            self.close()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_TIMEOUT)
@@ -81,9 +103,16 @@ class NetworkSources:
         manifest = self.call(_manifest(pool, eid))
         meta_dir = self.cache_dir / eid.hex()
         self.call(_side_files(StreamCache(pool), manifest, meta_dir))
+        with self._lock:
+            self._users += 1
         return NetworkTensorSource(ref, meta_dir, manifest, pool, self)
 
     def close(self) -> None:
+        """Stop the session (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self.call(self.session.close_p2p())
         finally:
@@ -135,6 +164,8 @@ class NetworkTensorSource:
         self._cache, self._sources = StreamCache(pool), sources
         self._hashes: dict[str, str] = {}
         self._lock = threading.Lock()
+        # a merge that drops its sources without close() still ends the shared session
+        self._release = weakref.finalize(self, sources.release_soon, self._cache)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -188,7 +219,7 @@ class NetworkTensorSource:
         return h.hexdigest()
 
     def close(self) -> None:
-        self._sources.call(_close_streams(self._cache))
+        self._release()  # once, whether closed or collected
 
 
 async def _close_streams(cache: StreamCache) -> None:
@@ -210,4 +241,32 @@ def open_network_sources(
         return sources, {r: sources.open(r) for r in wanted}
     except BaseException:
         sources.close()
+        raise
+
+
+_SHARED: dict[NetworkConfig, NetworkSources] = {}
+
+
+def open_network_source(ref: str, field: str = "model") -> NetworkTensorSource:
+    """The source for one `unode://` recipe model, reaching the network the environment names
+    (UNODE_INITIAL_PEERS, UNODE_NETWORK; tensors cached under the state directory). Sources of
+    one merge share a session; closing the last one stops it. Used by `node.merge.api`."""
+    from node.network.config import network_config
+
+    expert_id_of(ref, field)  # a malformed reference fails before any network work
+    net = network_config(None, None)
+    if not net.initial_peers:
+        raise UserError(
+            field, ref, "set UNODE_INITIAL_PEERS to a running node's multiaddr (or fetch the "
+            "expert with `unode fetch` and name its directory)", problem="no network to ask",
+        )  # fmt: skip
+    sources = _SHARED.get(net)
+    if sources is None:
+        sources = _SHARED[net] = NetworkSources(net, net.state_dir / "merge-cache")
+    try:
+        return sources.open(ref, field)
+    except BaseException:
+        if sources._users == 0:
+            _SHARED.pop(net, None)
+            sources.close()
         raise
