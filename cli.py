@@ -713,6 +713,72 @@ def round_fuse_cmd(
         typer.echo(f"fused expert: {out['expert_id']}")
 
 
+# --- dashboard (node/dashboard, node/metrics) -------------------------------------------
+
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port", help="Serve Prometheus metrics on this port (0: any free port).",
+        envvar="UNODE_METRICS_PORT",
+    ),
+]  # fmt: skip
+LogFormat = Annotated[
+    str,
+    typer.Option("--log-format", help="Log lines on stderr: text or json.", envvar="UNODE_LOG_FORMAT"),
+]
+
+
+def _observability(metrics_port: int | None, log_format: str) -> None:
+    """`join --log-format json` and `--metrics-port` (raises UserError on bad values)."""
+    from node.metrics.logs import LOG_FORMATS, use_json_logs
+    from node.metrics.registry import start_metrics_server
+
+    if log_format not in LOG_FORMATS:
+        raise UserError("--log-format", log_format, "use text or json")
+    if log_format == "json":
+        use_json_logs()
+    if metrics_port is None:
+        return
+    if not 0 <= metrics_port <= 65535:
+        raise UserError("--metrics-port", metrics_port, "use a TCP port number 1-65535 (0: any)")
+    try:
+        port = start_metrics_server(metrics_port)
+    except OSError as err:
+        raise UserError(
+            "--metrics-port", metrics_port, "pick a free port", problem=f"cannot listen ({err})"
+        ) from None
+    print(f"unode: metrics on http://0.0.0.0:{port}/metrics", flush=True)
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    initial_peers: InitialPeers = None,
+    network: NetName = None,
+    refresh: Annotated[float, typer.Option("--refresh", help="Seconds between updates.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --once: JSON for scripts.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Live view of a network (peers, experts, rounds, search); every record verified; q quits."""
+    from node.dashboard.app import print_once, run_live
+
+    _network_logging(verbose)
+    code = 0
+    try:
+        if not 0.2 <= refresh <= 3600.0:
+            raise UserError("--refresh", refresh, "use 0.2 to 3600 seconds")
+        if as_json and not once:
+            raise UserError("--json", True, "add --once (the live view is not JSON)")
+        net = _net_config(network, initial_peers)
+        if once:
+            print_once(net, as_json, refresh)  # type: ignore[arg-type]
+        else:
+            code = run_live(net, refresh)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(err)
+    raise typer.Exit(code)
+
+
 # --- eval (node/eval) -------------------------------------------------------------------
 
 

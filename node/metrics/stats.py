@@ -65,6 +65,7 @@ async def serve_stats(p2p: Any, peer_id: str) -> None:
             writer.close()
 
     await p2p.add_binary_stream_handler(PROTOCOL_NAME, handle)
+    log.info("serving node stats on %s", PROTOCOL_NAME)
 
 
 def parse_stats(frame: bytes) -> NodeStats | None:
