@@ -1,0 +1,248 @@
+"""Multi-host test without Docker: 3 network namespaces on a private bridge, each running a real
+`unode join` through deploy/entrypoint.sh with the environment deploy/compose.yaml gives its
+service (env file + environment; container paths mapped to temporary directories, service names
+resolved through /etc/netns/<ns>/hosts like compose's DNS). They discover each other, a fetch
+completes; then one host's link goes down and the other two go on (a fetch still completes).
+
+Needs root and iproute2 (skipped otherwise). The bridge lives in a namespace of its own, so no
+address or link is added to the host's network; teardown kills every process in the namespaces,
+deletes them and the /etc/netns entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_config import DEPLOY, load_compose, service_env, service_volumes
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = ROOT / ".venv" / "bin"
+SUBNET = "10.213.7"  # RFC 1918, assigned inside the test's namespaces only
+SERVICES = ("bootstrap", "volunteer-1", "volunteer-2")
+
+
+def _skip_reason() -> str | None:
+    if os.name != "posix" or os.geteuid() != 0:
+        return "needs root (network namespaces); CI runs as root"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip` (apt-get install iproute2)"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`ip netns` unusable here: {probe.stderr.strip()[:120]}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@dataclass
+class Host:
+    service: str
+    ns: str
+    addr: str
+    veth: str  # its bridge-side link, in the hub namespace
+    state: Path
+    proc: subprocess.Popen[str] | None = None
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"{self.service}: no {prefix!r}; printed:\n" + "".join(self.seen))
+
+
+class Cluster:
+    """The namespaces, the bridge, and the `unode join` processes."""
+
+    def __init__(self, tmp: Path) -> None:
+        tag = f"ud{os.getpid() % 100000}"
+        self.hub = f"{tag}-hub"
+        self.tmp = tmp
+        self.compose = load_compose()
+        self.hosts = [
+            Host(svc, f"{tag}-{i}", f"{SUBNET}.{i}", f"{tag}v{i}", tmp / svc)
+            for i, svc in enumerate(SERVICES, start=1)
+        ]
+        self.namespaces: list[str] = []
+
+    def build_network(self) -> None:
+        ip("netns", "add", self.hub)
+        self.namespaces.append(self.hub)
+        ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.hub, "link", "set", "br0", "up")
+        names = "".join(f"{h.addr} {h.service}\n" for h in self.hosts)
+        for h in self.hosts:
+            ip("netns", "add", h.ns)
+            self.namespaces.append(h.ns)
+            ip("link", "add", h.veth, "netns", self.hub, "type", "veth", "peer", "eth0", "netns", h.ns)  # fmt: skip
+            ip("-n", self.hub, "link", "set", h.veth, "master", "br0", "up")
+            ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", "eth0")
+            ip("-n", h.ns, "link", "set", "eth0", "up")
+            ip("-n", h.ns, "link", "set", "lo", "up")
+            etc = Path("/etc/netns") / h.ns  # `ip netns exec` bind-mounts these over /etc
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("127.0.0.1 localhost\n" + names)
+
+    def env_of(self, host: Host) -> dict[str, str]:
+        """The service's compose environment, its volumes mapped to directories under tmp."""
+        mounts = {
+            target: (self.tmp / "volumes" / source.replace("/", "_"))
+            for target, source in service_volumes(self.compose, host.service).items()
+        }
+        mounts["/var/lib/unode"] = host.state  # the image's UNODE_STATE_DIR and HOME
+        env = {"UNODE_STATE_DIR": "/var/lib/unode", "HOME": "/var/lib/unode"}
+        env.update(service_env(self.compose, host.service))
+        for key, value in env.items():
+            for target, path in mounts.items():
+                if value.startswith(target):
+                    env[key] = str(path) + value[len(target) :]
+        for path in mounts.values():
+            path.mkdir(parents=True, exist_ok=True)
+        env["PATH"] = f"{VENV_BIN}:/usr/bin:/bin"
+        return env
+
+    def run(self, host: Host, *args: str, env: dict[str, str] | None = None) -> list[str]:
+        kv = [f"{k}={v}" for k, v in (env or self.env_of(host)).items()]
+        return ["ip", "netns", "exec", host.ns, "env", "-i", *kv, *args]
+
+    def start(self, host: Host) -> None:
+        command = self.compose["services"][host.service]["command"]
+        argv = self.run(host, "sh", str(DEPLOY / "entrypoint.sh"), *command)
+        host.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        threading.Thread(target=_pump, args=(host,), daemon=True).start()
+
+    def cli(self, host: Host, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        """A one-shot `unode` command inside `host`'s namespace, joining via the bootstrap."""
+        env = self.env_of(host)
+        env["UNODE_INITIAL_PEERS"] = (self.tmp / "volumes/shared/bootstrap.maddr").read_text()
+        argv = self.run(host, str(VENV_BIN / "unode"), *args, env=env)
+        t0 = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        print(f"TIMING {args[0]} {time.monotonic() - t0:.1f}s")
+        return done
+
+    def teardown(self) -> None:
+        for ns in self.namespaces:
+            _kill_namespace(ns)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        for h in self.hosts:
+            if h.proc is not None and h.proc.poll() is None:
+                h.proc.kill()
+            if h.proc is not None:
+                h.proc.wait(10)
+
+
+def _pump(host: Host) -> None:
+    assert host.proc is not None and host.proc.stdout is not None
+    for line in host.proc.stdout:
+        host.lines.put(line)
+
+
+def _kill_namespace(ns: str) -> None:
+    """SIGTERM (clean withdrawal), then SIGKILL, for every process this test ran in `ns`."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 3.0)):
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+        alive = [int(p) for p in pids.stdout.split()]
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            alive = [int(p) for p in pids.stdout.split()]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        c.build_network()
+        yield c
+    finally:
+        c.teardown()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _experts(c: Cluster, host: Host, want_providers: int) -> list[dict[str, Any]]:
+    """`unode experts --json` from `host`, retried until one expert has enough providers."""
+    for _ in range(4):
+        done = c.cli(host, "experts", "--json")
+        assert done.returncode == 0, done.stderr[-2000:]
+        found: list[dict[str, Any]] = json.loads(done.stdout)
+        if found and len(found[0]["providers"]) >= want_providers:
+            return found
+        time.sleep(2)
+    raise AssertionError(f"experts never showed {want_providers} providers: {found}")
+
+
+def test_three_hosts_discover_fetch_and_survive_a_host_cut_off(cluster: Cluster) -> None:
+    boot, vol1, vol2 = cluster.hosts
+    T0 = time.monotonic()
+    for h in cluster.hosts:  # the volunteers wait for the bootstrap's published address
+        cluster.start(h)
+    peer_ids = {}
+    for h in cluster.hosts:
+        ready = h.wait_for("UNODE_READY", timeout=100)
+        print(f"TIMING ready {h.service} {time.monotonic() - T0:.1f}s")
+        peer_ids[h.service] = ready.split("peer=")[1].split()[0]
+        assert f"/ip4/{h.addr}/tcp/31337/" in ready  # its own namespace's address, fixed port
+    published = (cluster.tmp / "volumes/shared/bootstrap.maddr").read_text().strip()
+    assert published == f"/dns4/bootstrap/tcp/31337/p2p/{peer_ids['bootstrap']}"
+
+    # every host's signed records reach the others: volunteer-2 sees 3 providers
+    (expert,) = _experts(cluster, vol2, want_providers=3)
+    assert sorted(expert["providers"]) == sorted(peer_ids.values())
+    expert_id = str(expert["expert_id"])
+    local = _tree(boot.state / "default-expert")
+
+    out1 = cluster.tmp / "fetched-before"
+    done = cluster.cli(vol1, "fetch", expert_id, str(out1))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _tree(out1) == local
+
+    # cut volunteer-2 off: its bridge port goes down (its node keeps running, unreachable)
+    ip("-n", cluster.hub, "link", "set", vol2.veth, "down")
+    out2 = cluster.tmp / "fetched-after"
+    done = cluster.cli(boot, "fetch", expert_id, str(out2))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _tree(out2) == local
+    assert boot.proc is not None and boot.proc.poll() is None
+    assert vol1.proc is not None and vol1.proc.poll() is None
