@@ -18,8 +18,7 @@ import torch
 
 from node.merge import api
 from node.merge import vocab as vocab_mod
-from node.merge.buffers import BufferPool
-from node.merge.executor import _recycle, buffer_needs, gather, merge_one
+from node.merge.executor import execute
 from node.merge.io import LocalSafetensorsSource, TensorSource
 from node.merge.methods.base import MergeMethod
 from node.merge.outputs import LINEAGE_NAME, write_json
@@ -64,6 +63,22 @@ def prepare(recipe: Mapping[str, Any], sources: Mapping[str, TensorSource]) -> P
     return Prepared(rec, method, plan, srcs, configs, remap)
 
 
+class _Altered:
+    """Test-only fault injector: the recipe's method, but every result is slightly wrong."""
+
+    def __init__(self, inner: MergeMethod) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def merge(self, inputs: Any) -> torch.Tensor:
+        result = self._inner.merge(inputs).clone()
+        if result.numel():
+            result.view(-1)[0] += 1.0
+        return result
+
+
 def job_bytes(job: TensorJob) -> int:
     return job.out.numel * torch.empty((), dtype=job.out.dtype).element_size()
 
@@ -75,18 +90,12 @@ def compute_unit(prep: Prepared, names: tuple[str, ...], out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = ShardedWriter(tmp, [(j.name, j.out) for j in jobs], UNIT_SHARD_BYTES)
-    pool = BufferPool(buffer_needs(jobs, prep.sources))
-    wrong = os.environ.get(WRONG_UNITS_ENV, "") == "1"
+    method: Any = prep.method
+    if os.environ.get(WRONG_UNITS_ENV, "") == "1":
+        method = _Altered(method)
     try:
-        for job in jobs:
-            tensors = gather(job, prep.sources, pool)
-            result = merge_one(job, tensors, prep.method, prep.recipe.seed, prep.remap)
-            if wrong and job.floating and result.numel():
-                result = result.clone()
-                result.view(-1)[0] += 1.0
-            writer.write(job.name, result)
-            if job.floating:
-                _recycle(pool, tensors, result)
+        # the engine's own executor on the unit's jobs: same bytes as `unode merge`, same speed
+        execute(jobs, method, prep.sources, writer, prep.recipe.seed, prep.remap, progress=False)
         writer.finish()
     except BaseException:
         writer.abort()

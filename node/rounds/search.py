@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from node.errors import UserError
 from node.network.config import NetworkConfig
+from node.network.service import BlobServer
 from node.network.session import Session
 from node.rounds import records
 from node.rounds.propose import (
@@ -144,6 +146,46 @@ async def collect(
         await asyncio.sleep(1.0)
 
 
+async def score_generation(
+    session: Session,
+    net: NetworkConfig,
+    server: BlobServer,
+    first: RoundProposal,
+    cands: list[dict[str, Any]],
+    cfg: SearchConfig,
+) -> list[float]:
+    """Propose one generation as a search round and collect its mean scores."""
+    ids = tuple((candidate_id(c).hex(),) for c in cands)
+    spec = RoundSpec("search", cfg.recipe, ids, candidates=tuple(cands), name="search")
+    deadline = int((time.time() + cfg.score_timeout) * 1000)
+    proposal = RoundProposal("merge", first.inputs, first.base, first.method, spec.hash(),
+                             first.seed, len(cands), deadline, first.domains)
+    await publish_round(session, net, server, spec, proposal)
+    found = await collect(
+        session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout
+    )
+    return [float(s) for s in found]
+
+
+async def merge_best(
+    session: Session,
+    net: NetworkConfig,
+    server: BlobServer,
+    cfg: SearchConfig,
+    best: dict[str, Any],
+    tmp: Path,
+    say: Say,
+) -> tuple[str, str]:
+    """A merge round for the best recipe; (round id, merged expert id)."""
+    assert cfg.merge is not None
+    mcfg = dataclasses.replace(cfg.merge, recipe=best)
+    spec, proposal = await build_spec(session, net, mcfg, tmp / "experts")
+    await publish_round(session, net, server, spec, proposal)
+    rid = proposal.round_id
+    say(f"unode: merging the best recipe in round {rid.hex()}")
+    return rid.hex(), await wait_for_expert(session, net.network, rid, cfg.score_timeout, say)
+
+
 async def search(
     session: Session, net: NetworkConfig, cfg: SearchConfig, tmp: Path, say: Say
 ) -> dict[str, Any]:
@@ -165,33 +207,10 @@ async def search(
         cands = [candidate(cfg.recipe, space, list(x)) for x in xs]
         if generation == 0:
             cands[0] = candidate(cfg.recipe, space, x0)  # score the starting point too
-        spec = RoundSpec(
-            "search",
-            cfg.recipe,
-            tuple((candidate_id(c).hex(),) for c in cands),
-            candidates=tuple(cands),
-            name="search",
-            domain=base_cfg.domain,
-        )
-        proposal = RoundProposal(
-            "merge",
-            proposal0.inputs,
-            proposal0.base,
-            proposal0.method,
-            spec.hash(),
-            proposal0.seed,
-            len(cands),
-            int((time.time() + cfg.score_timeout) * 1000),
-            proposal0.domains,
-        )
-        await publish_round(session, net, server, spec, proposal)
-        scores = await collect(
-            session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout
-        )
+        scores = await score_generation(session, net, server, proposal0, cands, cfg)
         if generation == 0:
             start_score = scores[0]
         es.tell(xs, [s if math.isfinite(s) else 1e9 for s in scores])
-        scores = [float(s) for s in scores]
         for c, s in zip(cands, scores, strict=True):
             history.append(
                 {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
@@ -211,16 +230,8 @@ async def search(
         "expert_id": None,
     }
     if cfg.merge is not None:
-        mcfg = MergeRoundConfig(
-            best[1], **{k: v for k, v in cfg.merge.__dict__.items() if k != "recipe"}
-        )
-        spec, proposal = await build_spec(session, net, mcfg, tmp / "experts")
-        await publish_round(session, net, server, spec, proposal)
-        out["round_id"] = proposal.round_id.hex()
-        say(f"unode: merging the best recipe in round {proposal.round_id.hex()}")
-        out["expert_id"] = await wait_for_expert(
-            session, net.network, proposal.round_id, cfg.score_timeout, say
-        )
+        rid, eid = await merge_best(session, net, server, cfg, best[1], tmp, say)
+        out.update(round_id=rid, expert_id=eid)
     return out
 
 
