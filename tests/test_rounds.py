@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNODE = str(ROOT / ".venv" / "bin" / "unode")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 FAST = {"UNODE_ROUND_POLL": "0.3"}
-SCORER = {"UNODE_EVAL_DOMAINS": "prose", "UNODE_EVAL_N": "8"}  # held-out data of nodes 0 and 1
+SCORER = {"UNODE_EVAL_DOMAINS": "prose", "UNODE_EVAL_N": "6"}  # held-out data of nodes 0 and 1
 
 
 @dataclass
@@ -366,9 +366,9 @@ def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
             "--initial-peers",
             swarm.nodes[0].maddr,
             "--budget",
-            "8",
+            "6",
             "--population",
-            "4",
+            "3",
             "--groups",
             "2",
             "--sigma",
@@ -384,7 +384,7 @@ def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout[res.stdout.index("{\n") :])
-    assert out["evaluated"] == 8 and len(out["history"]) == 8
+    assert out["evaluated"] == 6 and len(out["history"]) == 6
     assert out["best_score"] < out["start_score"]
     best = yaml.safe_load((swarm.tmp / "best.yml").read_text())
     attn = best["models"][0]["parameters"]["weight"][0]

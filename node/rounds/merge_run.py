@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from node.metrics import registry as metrics
 from node.network.fetch import fetch_expert
 from node.network.hosting import Hosting
 from node.network.manifest import load_expert
-from node.network.service import BlobServer
 from node.rounds import records
 from node.rounds.compute import Prepared, assemble, compute_unit, prepare
 from node.rounds.inputs import RoundInputs, providers_of
@@ -230,7 +228,3 @@ class MergeRun:
     def close(self) -> None:
         if self.inputs is not None:
             self.inputs.close()
-
-
-Say = Callable[[str], None]
-__all__ = ["BlobServer", "MergeRun", "Say"]

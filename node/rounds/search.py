@@ -158,8 +158,17 @@ async def score_generation(
     ids = tuple((candidate_id(c).hex(),) for c in cands)
     spec = RoundSpec("search", cfg.recipe, ids, candidates=tuple(cands), name="search")
     deadline = int((time.time() + cfg.score_timeout) * 1000)
-    proposal = RoundProposal("merge", first.inputs, first.base, first.method, spec.hash(),
-                             first.seed, len(cands), deadline, first.domains)
+    proposal = RoundProposal(
+        "merge",
+        first.inputs,
+        first.base,
+        first.method,
+        spec.hash(),
+        first.seed,
+        len(cands),
+        deadline,
+        first.domains,
+    )
     await publish_round(session, net, server, spec, proposal)
     found = await collect(
         session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout
