@@ -724,7 +724,9 @@ MetricsPort = Annotated[
 ]  # fmt: skip
 LogFormat = Annotated[
     str,
-    typer.Option("--log-format", help="Log lines on stderr: text or json.", envvar="UNODE_LOG_FORMAT"),
+    typer.Option(
+        "--log-format", help="Log lines on stderr: text or json.", envvar="UNODE_LOG_FORMAT"
+    ),
 ]
 
 

@@ -18,7 +18,7 @@ _node_id: str | None = None
 _LEVELS = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}  # hivemind renames
 
 
-def set_node_id(peer_id: str) -> None:
+def set_node_id(peer_id: str | None) -> None:
     global _node_id
     _node_id = peer_id
 
