@@ -64,24 +64,12 @@ def test_real_tokenizer_spans_cover_the_text(toks: dict[str, Any], name: str) ->
     assert tok.decode(enc.ids, skip_special_tokens=True).strip() == text.strip()
 
 
-SCHEME_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="node.fusion.tokens.scheme_of looks for '▁' in ASCII-escaped JSON: Gemma-3's "
-    "Replace-based metaspace is taken as plain, its '▁word' tokens map nowhere (reported)",
-)
-BYTE_FALLBACK_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="node.fusion.vocab maps a text to the first id that has it: in a SentencePiece "
-    "vocab with byte fallback that is the <0xNN> piece, not the token the tokenizer emits (reported)",
-)
-
-
 @pytest.mark.parametrize(
     ("src", "tgt", "lo"),
     [("mistral", "smollm2", 0.78), ("gpt2", "smollm2", 0.80), ("smollm2", "gpt2", 0.55),
-     pytest.param("gemma3", "smollm2", 0.70, marks=SCHEME_BUG),
-     pytest.param("smollm2", "gemma3", 0.70, marks=SCHEME_BUG),
-     pytest.param("gpt2", "mistral", 0.70, marks=BYTE_FALLBACK_BUG)],
+     ("gemma3", "smollm2", 0.70),
+     ("smollm2", "gemma3", 0.70),
+     ("gpt2", "mistral", 0.70)],
 )  # fmt: skip
 def test_real_pairs_align_and_exact_map_agrees(
     toks: dict[str, Any], tmp_path: Path, src: str, tgt: str, lo: float

@@ -72,7 +72,12 @@ def scheme_of(tokenizer: Any) -> Scheme:
             return "bytechars"  # one token per byte, spelled chr(byte) (ByT5)
         return "metaspace" if "▁" in "".join(plain[:2000]) else "plain"
     spec = json.loads(backend.to_str())
-    blob = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer")])
+    # ensure_ascii=False: "▁" must stay itself to be found (Gemma-3 spells its metaspace as a
+    # Replace normalizer/decoder, which only shows up as the literal character)
+    blob = json.dumps(
+        [spec.get("normalizer"), spec.get("decoder"), spec.get("pre_tokenizer")],
+        ensure_ascii=False,
+    )
     if "ByteLevel" in blob:
         return "bytelevel"
     if "Metaspace" in blob or "▁" in blob:

@@ -10,6 +10,7 @@ context), falling back to MinED for tokens seen fewer than `min_count` times.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from node.fusion.tokens import tokenizer_sha256, vocab_texts
 
 Method = Literal["exact", "mined", "stats"]
+MAP_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,28 @@ def _special_roles(src: Any, tgt: Any) -> dict[int, int]:
     return roles
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _text_to_target_id(tgt: Any, tgt_texts: list[str]) -> dict[str, int]:
+    """Canonical text -> the target id the tokenizer itself would emit for it.
+
+    With SentencePiece byte fallback, `<0x41>` and `A` both spell "A"; the tokenizer emits the
+    ordinary piece, so byte-fallback pieces only fill texts no ordinary piece has.
+    """
+    pieces = tgt.convert_ids_to_tokens(list(range(len(tgt_texts))))
+    lookup: dict[str, int] = {}
+    for fallback_pass in (False, True):
+        for idx, text in enumerate(tgt_texts):
+            is_byte_piece = bool(pieces[idx]) and bool(_BYTE_PIECE.fullmatch(str(pieces[idx])))
+            if text and not text.startswith("\x00") and is_byte_piece == fallback_pass:
+                lookup.setdefault(text, idx)
+    return lookup
+
+
 def _compute(src: Any, tgt: Any, method: Method) -> VocabMap:
     src_texts, tgt_texts = vocab_texts(src), vocab_texts(tgt)
-    lookup: dict[str, int] = {}
-    for idx, text in enumerate(tgt_texts):
-        if text and not text.startswith("\x00"):
-            lookup.setdefault(text, idx)
+    lookup = _text_to_target_id(tgt, tgt_texts)
     target = np.full(len(src_texts), -1, dtype=np.int64)
     exact = np.zeros(len(src_texts), dtype=bool)
     choices = list(lookup)
@@ -73,7 +91,8 @@ def build_vocab_map(
 ) -> VocabMap:
     """The mapping for a tokenizer pair, from the on-disk cache when it is there."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    name = f"{tokenizer_sha256(src)[:20]}-{tokenizer_sha256(tgt)[:20]}-{method}.safetensors"
+    # MAP_VERSION in the name: a map cached by an older algorithm is never reused
+    name = f"{tokenizer_sha256(src)[:20]}-{tokenizer_sha256(tgt)[:20]}-{method}-v{MAP_VERSION}.safetensors"
     path = cache_dir / name
     if path.is_file():
         arrays = load_file(str(path))
