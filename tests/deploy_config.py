@@ -7,6 +7,7 @@ A service's environment is the env file(s) first, then its `environment:` (which
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,24 @@ def service_volumes(compose: dict[str, Any], name: str) -> dict[str, str]:
         source, target = spec.split(":")[:2]
         out[target] = source
     return out
+
+
+def unit_config(unit: Path, state_root: Path) -> tuple[dict[str, str], list[str]]:
+    """The environment and command the systemd unit gives `unode` (%S is `state_root`; its
+    EnvironmentFile is deploy/unode.env, as the README installs it)."""
+    env: dict[str, str] = {}
+    argv: list[str] = []
+    for line in unit.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith("#"):
+            continue
+        if key == "EnvironmentFile":
+            assert value == "/etc/unode/unode.env", value
+            env.update(read_env_file(DEPLOY / "unode.env"))
+        elif key == "Environment":
+            for item in shlex.split(value.replace("%S", str(state_root))):
+                name, _, setting = item.partition("=")
+                env[name] = setting
+        elif key == "ExecStart":
+            argv = shlex.split(value)
+    return env, argv

@@ -1,8 +1,10 @@
 """Multi-host test without Docker: 3 network namespaces on a private bridge, each running a real
-`unode join` through deploy/entrypoint.sh with the environment deploy/compose.yaml gives its
-service (env file + environment; container paths mapped to temporary directories, service names
-resolved through /etc/netns/<ns>/hosts like compose's DNS). They discover each other, a fetch
-completes; then one host's link goes down and the other two go on (a fetch still completes).
+`unode join` through deploy/entrypoint.sh. Two are configured as deploy/compose.yaml configures
+its bootstrap and volunteer-1 (env file + environment; container paths mapped to temporary
+directories, service names resolved through /etc/netns/<ns>/hosts like compose's DNS), the third
+as deploy/unode.service configures a volunteer (its EnvironmentFile, Environment=, ExecStart=,
+%S/unode as state directory, UNODE_INITIAL_PEERS set as the README says). They discover each
+other, a fetch completes; then one host's link goes down and the other two go on.
 
 Needs root and iproute2 (skipped otherwise). The bridge lives in a namespace of its own, so no
 address or link is added to the host's network; teardown kills every process in the namespaces,
@@ -26,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_config import DEPLOY, load_compose, service_env, service_volumes
+from deploy_config import DEPLOY, load_compose, service_env, service_volumes, unit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 SUBNET = "10.213.7"  # RFC 1918, assigned inside the test's namespaces only
-SERVICES = ("bootstrap", "volunteer-1", "volunteer-2")
+SERVICES = ("bootstrap", "volunteer-1", "unode.service")  # the last one: the systemd unit
 
 
 def _skip_reason() -> str | None:
@@ -88,17 +90,18 @@ class Cluster:
         self.tmp = tmp
         self.compose = load_compose()
         self.hosts = [
-            Host(svc, f"{tag}-{i}", f"{SUBNET}.{i}", f"{tag}v{i}", tmp / svc)
+            Host(svc, f"{tag}-{i}", f"{SUBNET}.{i}", f"{tag}v{i}", tmp / svc / "unode")
             for i, svc in enumerate(SERVICES, start=1)
         ]
         self.namespaces: list[str] = []
+        self.made_etc_netns = not Path("/etc/netns").exists()
 
     def build_network(self) -> None:
         ip("netns", "add", self.hub)
         self.namespaces.append(self.hub)
         ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         ip("-n", self.hub, "link", "set", "br0", "up")
-        names = "".join(f"{h.addr} {h.service}\n" for h in self.hosts)
+        names = "".join(f"{h.addr} {h.service}\n" for h in self.hosts if h.service in SERVICES[:2])
         for h in self.hosts:
             ip("netns", "add", h.ns)
             self.namespaces.append(h.ns)
@@ -111,8 +114,15 @@ class Cluster:
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text("127.0.0.1 localhost\n" + names)
 
+    @property
+    def published(self) -> str:
+        """What the bootstrap's entrypoint published: its multiaddr with its peer id."""
+        return (self.tmp / "volumes/shared/bootstrap.maddr").read_text().strip()
+
     def env_of(self, host: Host) -> dict[str, str]:
         """The service's compose environment, its volumes mapped to directories under tmp."""
+        if host.service == "unode.service":
+            return self.unit_env_of(host)
         mounts = {
             target: (self.tmp / "volumes" / source.replace("/", "_"))
             for target, source in service_volumes(self.compose, host.service).items()
@@ -129,13 +139,27 @@ class Cluster:
         env["PATH"] = f"{VENV_BIN}:/usr/bin:/bin"
         return env
 
+    def unit_env_of(self, host: Host) -> dict[str, str]:
+        env, _argv = unit_config(DEPLOY / "unode.service", state_root=host.state.parent)
+        assert env["UNODE_STATE_DIR"] == str(host.state)
+        host.state.mkdir(parents=True, exist_ok=True)
+        env["UNODE_INITIAL_PEERS"] = self.published  # the README: set it in unode.env
+        env["PATH"] = env["PATH"].replace("/opt/unode/venv/bin", str(VENV_BIN))
+        return env
+
+    def command_of(self, host: Host) -> list[str]:
+        if host.service == "unode.service":
+            _env, argv = unit_config(DEPLOY / "unode.service", host.state.parent)
+            assert argv[0] == "/opt/unode/venv/bin/unode-entrypoint"  # deploy/entrypoint.sh
+            return argv[1:]
+        return list(self.compose["services"][host.service]["command"])
+
     def run(self, host: Host, *args: str, env: dict[str, str] | None = None) -> list[str]:
         kv = [f"{k}={v}" for k, v in (env or self.env_of(host)).items()]
         return ["ip", "netns", "exec", host.ns, "env", "-i", *kv, *args]
 
     def start(self, host: Host) -> None:
-        command = self.compose["services"][host.service]["command"]
-        argv = self.run(host, "sh", str(DEPLOY / "entrypoint.sh"), *command)
+        argv = self.run(host, "sh", str(DEPLOY / "entrypoint.sh"), *self.command_of(host))
         host.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
@@ -144,7 +168,7 @@ class Cluster:
     def cli(self, host: Host, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         """A one-shot `unode` command inside `host`'s namespace, joining via the bootstrap."""
         env = self.env_of(host)
-        env["UNODE_INITIAL_PEERS"] = (self.tmp / "volumes/shared/bootstrap.maddr").read_text()
+        env["UNODE_INITIAL_PEERS"] = self.published
         argv = self.run(host, str(VENV_BIN / "unode"), *args, env=env)
         t0 = time.monotonic()
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -157,6 +181,9 @@ class Cluster:
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        if self.made_etc_netns:
+            with contextlib.suppress(OSError):
+                Path("/etc/netns").rmdir()
         for h in self.hosts:
             if h.proc is not None and h.proc.poll() is None:
                 h.proc.kill()
@@ -214,35 +241,41 @@ def _experts(c: Cluster, host: Host, want_providers: int) -> list[dict[str, Any]
 
 
 def test_three_hosts_discover_fetch_and_survive_a_host_cut_off(cluster: Cluster) -> None:
-    boot, vol1, vol2 = cluster.hosts
-    T0 = time.monotonic()
-    for h in cluster.hosts:  # the volunteers wait for the bootstrap's published address
-        cluster.start(h)
-    peer_ids = {}
-    for h in cluster.hosts:
-        ready = h.wait_for("UNODE_READY", timeout=100)
-        print(f"TIMING ready {h.service} {time.monotonic() - T0:.1f}s")
-        peer_ids[h.service] = ready.split("peer=")[1].split()[0]
-        assert f"/ip4/{h.addr}/tcp/31337/" in ready  # its own namespace's address, fixed port
-    published = (cluster.tmp / "volumes/shared/bootstrap.maddr").read_text().strip()
+    boot, vol1, unit = cluster.hosts
+    t0 = time.monotonic()
+    cluster.start(boot)
+    cluster.start(vol1)  # its entrypoint waits for the bootstrap's published address
+    peer_ids = {boot.service: _ready(boot, t0)}
+    published = cluster.published
     assert published == f"/dns4/bootstrap/tcp/31337/p2p/{peer_ids['bootstrap']}"
+    cluster.start(unit)  # the unit's volunteer is given that address in its env file
+    peer_ids |= {h.service: _ready(h, t0) for h in (vol1, unit)}
 
-    # every host's signed records reach the others: volunteer-2 sees 3 providers
-    (expert,) = _experts(cluster, vol2, want_providers=3)
+    # every host's signed records reach the others: the systemd host sees 3 providers
+    (expert,) = _experts(cluster, unit, want_providers=3)
     assert sorted(expert["providers"]) == sorted(peer_ids.values())
     expert_id = str(expert["expert_id"])
     local = _tree(boot.state / "default-expert")
+    assert _tree(unit.state / "default-expert") == local  # deterministic: one expert, 3 hosts
 
     out1 = cluster.tmp / "fetched-before"
     done = cluster.cli(vol1, "fetch", expert_id, str(out1))
     assert done.returncode == 0, done.stderr[-2000:]
     assert _tree(out1) == local
 
-    # cut volunteer-2 off: its bridge port goes down (its node keeps running, unreachable)
-    ip("-n", cluster.hub, "link", "set", vol2.veth, "down")
+    # cut the systemd host off: its bridge port goes down (its node keeps running, unreachable)
+    ip("-n", cluster.hub, "link", "set", unit.veth, "down")
     out2 = cluster.tmp / "fetched-after"
     done = cluster.cli(boot, "fetch", expert_id, str(out2))
     assert done.returncode == 0, done.stderr[-2000:]
     assert _tree(out2) == local
     assert boot.proc is not None and boot.proc.poll() is None
     assert vol1.proc is not None and vol1.proc.poll() is None
+
+
+def _ready(host: Host, t0: float) -> str:
+    """Wait for the node's UNODE_READY line; its peer id."""
+    ready = host.wait_for("UNODE_READY", timeout=100)
+    print(f"TIMING ready {host.service} {time.monotonic() - t0:.1f}s")
+    assert f"/ip4/{host.addr}/tcp/31337/" in ready  # its own namespace's address, fixed port
+    return ready.split("peer=")[1].split()[0]
