@@ -248,3 +248,31 @@ def test_live_dashboard_in_a_terminal_shows_peers_experts_and_drills_down(net: N
     assert "DASHBOARD_EXIT=0" in after
     # the terminal is back in canonical mode with echo (cbreak mode undone)
     assert re.search(r"(?<![-\w])icanon\b", after) and re.search(r"(?<![-\w])echo\b", after)
+
+
+@pytest.mark.slow
+def test_snapshot_follows_a_real_merge_round_to_its_expert(net: Net) -> None:
+    base = next(e for e, (_, dom, _) in net.experts.items() if dom == "general")
+    others = [e for e, (_, dom, _) in net.experts.items() if dom != "general"]
+    recipe = net.tmp / "round.yml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: unode://{base}\nmodels:\n"
+        + "".join(f"  - model: unode://{e}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for e in others)
+        + "seed: 7\n"
+    )  # fmt: skip
+    run = subprocess.run(
+        [UNODE, "round", "merge", str(recipe), "--network", NETWORK, "--initial-peers",
+         net.a.maddr, "--wait", "--timeout", "400", "--json"],
+        capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    merged = json.loads(run.stdout[re.search(r"^\{$", run.stdout, re.M).start() :])  # type: ignore[union-attr]
+    snap = snapshot(net)
+    (r,) = snap["rounds"]
+    assert r["round_id"] == merged["round_id"] and r["status"] == "finished"
+    assert r["kind"] == "merge" and r["mode"] == "merge" and r["method"] == "ties"
+    assert r["inputs"] == [base, *others] and r["result_expert"] == merged["expert_id"]
+    assert r["unit_states"] == ["done"] * r["n_units"] and r["progress"] == 1.0
+    assert r["failures"] == 0 and set(r["workers"]) <= {net.a.peer_id, net.b.peer_id}
+    made = next(e for e in snap["experts"] if e["expert_id"] == merged["expert_id"])
+    assert made["lineage"] == r["round_id"]

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from node.dashboard.details import expert_detail, round_detail
 from node.dashboard.render import ViewState, human_bytes, human_seconds, overview, sparkline
-from node.dashboard.rounds import round_summary, search_progress, unit_state
+from node.dashboard.rounds import round_summary, search_progress, unit_state, with_scores
 from node.rounds.records import UnitView
 from protocol.identity import Identity, peer_id_from_public_key
 from protocol.records import RoundProposal
@@ -131,3 +131,13 @@ def test_overview_and_details_render_the_snapshot() -> None:
     assert "█ done" in page and "· open" in page
     gone = text_of(round_detail(snap, "9" * 64, ViewState()))
     assert "no longer in the DHT" in gone
+
+
+def test_search_generation_counts_scored_candidates_as_done() -> None:
+    views = {u: UnitView() for u in range(3)}
+    base = round_summary(proposal(3), "P", views, "search", None, now_ms=0)
+    r = with_scores(base, [1.25, None, 0.5])
+    assert r["unit_states"] == ["done", "open", "done"] and r["progress"] == 2 / 3
+    assert r["units"] == {"open": 1, "claimed": 0, "done": 2, "conflict": 0}
+    assert r["status"] == "running"
+    assert with_scores(base, [1.0, 1.0, 1.0])["status"] == "finished"

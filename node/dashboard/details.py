@@ -83,7 +83,7 @@ def round_detail(snap: dict[str, Any], round_id: str, state: ViewState) -> Rende
         ("result expert", r["result_expert"] or "-"),
     ]
     rows += [("worker", w) for w in r["workers"]]
-    units = Table(title="Units", title_justify="left", expand=True)
+    units = Table(title="Units", title_justify="left")
     units.add_column("unit")
     units.add_column("state")
     for i, s in enumerate(r["unit_states"][:64]):

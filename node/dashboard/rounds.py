@@ -78,6 +78,20 @@ def _status(
     return "expired" if deadline_ms < now_ms else "running"
 
 
+def with_scores(summary: dict[str, Any], means: list[float | None]) -> dict[str, Any]:
+    """A search generation: a unit is a candidate, done once some peer scored it."""
+    states = ["done" if m is not None else "open" for m in means]
+    done = states.count("done")
+    n = max(1, len(states))
+    return {
+        **summary,
+        "unit_states": states,
+        "units": {"open": len(states) - done, "claimed": 0, "done": done, "conflict": 0},
+        "progress": done / n,
+        "status": "finished" if done == len(states) else summary["status"],
+    }
+
+
 def candidate_means(scores: list[list[float]]) -> list[float | None]:
     """Mean score per candidate (None for a candidate nobody scored yet)."""
     return [sum(s) / len(s) if s else None for s in scores]

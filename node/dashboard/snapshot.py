@@ -72,11 +72,13 @@ class Collector:
             p, proposer = v.record, records.peer_of(v.envelope.owner)
             spec = await self._spec(p, [proposer, *peer_ids])
             mode = spec.mode if spec is not None else None
-            if mode == "search" and spec is not None:
-                generations.append(await self._generation(p, proposer, spec))
             views = await records.round_view(self.dht, self.network, p.round_id, p.n_units)
             rid = p.round_id.hex()
-            out.append(rv.round_summary(p, proposer, views, mode, by_lineage.get(rid), now_ms))
+            summary = rv.round_summary(p, proposer, views, mode, by_lineage.get(rid), now_ms)
+            if mode == "search" and spec is not None:  # units are candidates, scored by peers
+                generations.append(await self._generation(p, proposer, spec))
+                summary = rv.with_scores(summary, generations[-1]["means"])
+            out.append(summary)
         out.sort(key=lambda r: (-r["deadline_ms"], r["round_id"]))
         return out, rv.search_progress(generations)
 
