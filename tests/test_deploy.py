@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from deploy_config import (
     DEPLOY,
     documented_variables,
@@ -70,22 +71,27 @@ def test_systemd_unit_is_hardened_and_restarts() -> None:
     assert d["ExecStart"] == ["/opt/unode/venv/bin/unode-entrypoint join"]
 
 
-def _docker_compose_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-    return probe.returncode == 0
+def _compose_command() -> list[str] | None:
+    """`docker compose` (v2 plugin) or `docker-compose` (v1, Debian's package), if installed."""
+    if shutil.which("docker") is not None:
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-@pytest.mark.skipif(not _docker_compose_available(), reason="no `docker compose` plugin here")
-def test_compose_file_passes_docker_compose_config() -> None:
-    done = subprocess.run(
-        ["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@pytest.mark.skipif(_compose_command() is None, reason="neither docker compose nor docker-compose")
+def test_compose_file_passes_compose_config_and_resolves_as_the_tests_read_it() -> None:
+    base = [*(_compose_command() or []), "-f", str(DEPLOY / "compose.yaml")]
+    done = subprocess.run([*base, "config"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    compose = load_compose()
+    assert {"bootstrap", "volunteer-1", "volunteer-2", "volunteer-3", "dashboard"} <= set(resolved)
+    for name, service in resolved.items():  # tests/deploy_config.py agrees with compose itself
+        assert {k: str(v) for k, v in service["environment"].items()} == service_env(
+            compose, name
+        ), name
 
 
 def test_compose_has_a_bootstrap_three_volunteers_and_a_dashboard() -> None:
