@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from protocol.identity import KEY_FILE_NAME, Identity, load_or_create_identity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ENV_AUTO_RELAY = "UNODE_AUTO_RELAY"  # 1: libp2p AutoRelay (reachable behind NAT via relays)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -64,6 +66,8 @@ class Session:
             kwargs["check_if_identity_free"] = False
         if self.net.announce_maddrs:
             kwargs["announce_maddrs"] = list(self.net.announce_maddrs)
+        if self.persistent and os.environ.get(ENV_AUTO_RELAY, "").lower() in ("1", "true", "yes"):
+            kwargs["use_auto_relay"] = True  # behind NAT: keep a reservation on a relay peer
         try:
             self.dht = NodeDHT(
                 initial_peers=list(self.net.initial_peers),
