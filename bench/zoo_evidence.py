@@ -24,9 +24,9 @@ import torch
 
 from node.eval import corpora
 from node.merge.api import merge
-from node.zoo import build, default_dir
+from node.zoo import build, default_dir, load_manifest
 from node.zoo.scores import TASKS, Score, score_dir
-from node.zoo.search import cma_search, layer_recipe, retention
+from node.zoo.search import cma_search, gain_kept, layer_recipe, retention
 
 DOMAINS = ("arithmetic", "logic", "arithlogic", "python", "prose")
 IN_DOMAIN = {"arith": ("arithmetic",), "code": ("logic", "python"), "prose": ("prose",)}
@@ -86,6 +86,13 @@ def fmt_row(name: str, sc: dict[str, Score]) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def _per_expert(test: dict[str, dict[str, Score]], merged: str, metric: str) -> dict[str, Any]:
+    return {
+        e: {d: round(retention(test[merged], test[e], metric)[d], 3) for d in ds}
+        for e, ds in IN_DOMAIN.items()
+    }
+
+
 def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     n_exp, groups = len(zoo.experts), zoo.n_layers + 1
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
@@ -105,16 +112,32 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     test["searched"] = zoo.score(res.best, "test", em=True)
     ref = best_expert({k: test[k] for k in IN_DOMAIN})
     claims = {
-        "a_retention": {
-            e: {d: retention(test["searched"], test[e])[d] for d in ds}
+        "a_retention_bpb": _per_expert(test, "searched", "bpb"),
+        "a_retention_skill": _per_expert(test, "searched", "skill"),
+        "a_gain_kept_bpb": {
+            e: {
+                d: round(gain_kept(test["searched"][d], test[e][d], test["base"][d]), 3) for d in ds
+            }
             for e, ds in IN_DOMAIN.items()
         },
-        "b_two_skill": {
-            k: (test[k]["arithlogic"].answer_accuracy, test[k]["arithlogic"].exact_match)
-            for k in test
+        "b_two_skill_acc_em_bpb": {
+            k: [
+                round(v, 4)
+                for v in (
+                    sc["arithlogic"].answer_accuracy or 0.0,
+                    sc["arithlogic"].exact_match or 0.0,
+                    sc["arithlogic"].bits_per_byte,
+                )
+            ]
+            for k, sc in test.items()
         },
-        "c_objective_test": {k: mean_retention(test[k], ref) for k in ("uniform", "searched")},
-        "c_objective_search": {"uniform": uniform[lam], "searched": res.best_value},
+        "c_objective_test": {
+            k: round(mean_retention(test[k], ref), 4) for k in ("uniform", "searched")
+        },
+        "c_objective_search": {
+            "uniform": round(uniform[lam], 4),
+            "searched": round(res.best_value, 4),
+        },
         "uniform_lambda": lam,
         "searched_weights": np.round(res.best, 3).tolist(),
         "evaluations": res.evaluations + len(UNIFORM_GRID),
@@ -172,7 +195,9 @@ def print_tables(m: dict[str, Any], f: dict[str, Any]) -> None:
         print(
             f"| {name} | " + " | ".join(f"{f[name][d].bits_per_byte:.4f}" for d in DOMAINS) + " |"
         )
-    print("\n" + json.dumps(m["claims"], indent=1))
+    print()
+    for key, value in m["claims"].items():
+        print(f"{key}: {json.dumps(value)}")
 
 
 def main() -> None:
@@ -193,7 +218,8 @@ def main() -> None:
     ap.add_argument("--skip", choices=["merge", "fusion"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    root = Path(build(args.zoo or default_dir())["root"])
+    zoo_dir = args.zoo or default_dir()
+    root = Path((load_manifest(zoo_dir) or build(zoo_dir))["root"])  # any complete zoo will do
     with tempfile.TemporaryDirectory(prefix="zoo-evidence-") as tmp:
         zoo = Zoo(root, args.n, args.n_search, Path(tmp))
         m = merge_evidence(zoo, args) if args.skip != "merge" else {"scores": {}, "claims": {}}

@@ -261,5 +261,5 @@ def quick_config(seed: int = 0) -> ZooConfig:
     """A miniature zoo for tests: the same code path with very few steps and tiny models."""
     het = tuple(replace(h, steps=6, hidden=32, layers=2) for h in HETERO)
     return ZooConfig(seed=seed, vocab_size=384, hidden=32, layers=2, base_steps=30,
-                     expert_steps=12, tokens_per_batch=256, examples_per_domain=150,
-                     tokenizer_texts=120, hetero=het)  # fmt: skip
+                     expert_steps=12, tokens_per_batch=256, examples_per_domain=100,
+                     tokenizer_texts=60, hetero=het)  # fmt: skip

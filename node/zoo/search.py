@@ -37,19 +37,28 @@ def layer_recipe(
             "dtype": "float32"}  # fmt: skip
 
 
-def retention(scores: Mapping[str, Score], reference: Mapping[str, Score]) -> dict[str, float]:
-    """Per domain, the share of the reference's score kept: answer accuracy for tasks,
-    reference bits per byte over ours for texts (1.0 = as good as the reference).
+def retention(
+    scores: Mapping[str, Score], reference: Mapping[str, Score], metric: str = "bpb"
+) -> dict[str, float]:
+    """Per domain, the share of the reference's score kept (1.0 = as good as the reference).
+
+    `bpb`: reference bits per byte over ours (steady; the search objective). `skill`: answer
+    accuracy for tasks, bits per byte for texts.
     """
     out = {}
     for domain, ref in reference.items():
         mine = scores[domain]
-        if domain in TASKS:
+        if metric == "skill" and domain in TASKS:
             assert ref.answer_accuracy is not None and mine.answer_accuracy is not None
             out[domain] = mine.answer_accuracy / max(ref.answer_accuracy, 1e-9)
         else:
             out[domain] = ref.bits_per_byte / mine.bits_per_byte
     return out
+
+
+def gain_kept(merged: Score, expert: Score, base: Score) -> float:
+    """Share of the expert's bits-per-byte gain over the base that the merge keeps."""
+    return (base.bits_per_byte - merged.bits_per_byte) / (base.bits_per_byte - expert.bits_per_byte)
 
 
 @dataclass(frozen=True)
