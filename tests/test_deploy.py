@@ -220,3 +220,16 @@ def test_entrypoint_is_valid_sh_and_gives_up_without_a_bootstrap(tmp_path: Path)
     )
     assert done.returncode == 2
     assert f"no {tmp_path / 'never.maddr'}" in done.stderr
+
+
+def test_build_context_filter_keeps_exactly_what_the_dockerfile_copies() -> None:
+    rules = [
+        ln
+        for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
+    assert rules[0] == "*"  # everything else (.venv, caches) stays out of the context
+    kept = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = {p for src in re.findall(r"^COPY (.+) \S+$", text, flags=re.M) for p in src.split()}
+    assert kept == copied
