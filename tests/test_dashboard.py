@@ -76,7 +76,7 @@ def dashboard_command(maddr: str) -> str:
     """The live dashboard, then its exit code and the terminal's modes once it has quit."""
     return (
         f"{UNODE} dashboard --network {NETWORK} --initial-peers {maddr} --refresh 1; "
-        "echo DASHBOARD_EXIT=$?; stty -a; sleep 60"
+        "echo DASHBOARD_EXIT=$?; stty -a; echo STTY_DONE; sleep 60"
     )
 
 
@@ -244,7 +244,7 @@ def test_live_dashboard_in_a_terminal_shows_peers_experts_and_drills_down(net: N
     term.keys("b")
     term.wait_for("Experts by family", net.a.peer_id)
     term.keys("q")
-    after = term.wait_for("DASHBOARD_EXIT=", timeout=30)
+    after = term.wait_for("DASHBOARD_EXIT=", "STTY_DONE", timeout=30)
     assert "DASHBOARD_EXIT=0" in after
     # the terminal is back in canonical mode with echo (cbreak mode undone)
     assert re.search(r"(?<![-\w])icanon\b", after) and re.search(r"(?<![-\w])echo\b", after)
