@@ -157,6 +157,9 @@ async def start_server(session: Session, network: str) -> BlobServer:
     """Serve round specs from this proposer (announced in a PeerRecord)."""
     server = BlobServer()
     await server.start(await session.p2p())
+    from node.metrics.stats import serve_stats  # uptime and traffic, for `unode dashboard`
+
+    await serve_stats(await session.p2p(), session.peer_id)
     await announce_self(session, network)
     return server
 
