@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
+from node.merge.methods.reduce import stable_row_dot
 
 
 def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|other - base| times KL(softmax(other) || softmax(base)) of its row (last dimension)."""
     p = F.softmax(other, dim=-1) + 1e-8
     q = F.softmax(base, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    kl = stable_row_dot(p, torch.log(p / q)).view(*other.shape[:-1], 1)  # keepdim
     return (other - base).abs() * kl
 
 

@@ -6,6 +6,7 @@ import torch
 
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
 from node.merge.methods.params import read_params
+from node.merge.methods.reduce import stable_row_dot, stable_row_norm
 
 
 class ModelStockMerge:
@@ -37,8 +38,8 @@ class ModelStockMerge:
         cosines = []
         for i, a in enumerate(offsets):
             for b in offsets[i + 1 :]:
-                norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+                norms = stable_row_norm(a) * stable_row_norm(b)
+                cosines.append((stable_row_dot(a, b) / norms.clamp(min=1e-6)).clamp(-1, 1))
         cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
         count = len(models)
         denominator = 1 + (count - 1) * cos

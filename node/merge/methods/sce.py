@@ -6,6 +6,7 @@ import torch
 
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
 from node.merge.methods.params import read_params
+from node.merge.methods.reduce import stable_dot
 from node.merge.methods.select import top_count_mask
 from node.merge.methods.task_vector import sign_consensus_sum
 
@@ -46,7 +47,7 @@ def population_variance(deltas: torch.Tensor) -> torch.Tensor:
 def sce_weights(deltas: torch.Tensor) -> list[float]:
     """Each task vector's mean square over their sum (equal weights when all are ~0)."""
     size = deltas[0].numel()
-    energy = torch.stack([torch.dot(d.view(-1), d.view(-1)) / size for d in deltas])
+    energy = torch.stack([stable_dot(d, d) / size for d in deltas])
     total = torch.sum(energy).item()
     if abs(total) < 1e-6:
         return [1.0 / len(deltas)] * len(deltas)

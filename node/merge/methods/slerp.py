@@ -6,6 +6,7 @@ import torch
 
 from node.merge.methods.base import InputRule, MergeInputs, ParamSpec, non_base_keys
 from node.merge.methods.params import read_model_params, read_params
+from node.merge.methods.reduce import stable_dot, stable_norm, stable_row_dot, stable_row_norm
 
 DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
 NORM_EPS = 1e-8
@@ -17,13 +18,13 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     Nearly parallel or antiparallel pairs (|cos| > 0.9995) and zero vectors fall back to
     linear interpolation.
     """
-    norm0 = torch.linalg.vector_norm(v0)
-    norm1 = torch.linalg.vector_norm(v1)
+    norm0 = stable_norm(v0)
+    norm1 = stable_norm(v1)
     norm0 = torch.where(norm0 > NORM_EPS, norm0, 1)
     norm1 = torch.where(norm1 > NORM_EPS, norm1, 1)
     # cos from the raw dot product: no normalized copies (mergekit normalizes first, to
     # avoid overflow in fp16; fp32 inputs cannot overflow a dot of weights).
-    dot = (torch.dot(v0.reshape(-1), v1.reshape(-1)) / (norm0 * norm1)).clamp(-1, 1)
+    dot = (stable_dot(v0, v1) / (norm0 * norm1)).clamp(-1, 1)
     t_ = torch.tensor(t, dtype=torch.float32)
     if dot.abs() > DOT_THRESHOLD:
         coef0, coef1 = 1 - t_, t_
@@ -56,7 +57,7 @@ class SlerpMerge:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return torch.div(x, torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7))
+    return torch.div(x, stable_row_norm(x).unsqueeze(-1).clamp(min=1e-7))
 
 
 def nuslerp(
@@ -68,7 +69,7 @@ def nuslerp(
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    cos = torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    cos = stable_row_dot(_unit(v0), _unit(v1)).unsqueeze(-1).clamp(-1, 1)
     colinear = (1 - cos.square()) <= NORM_EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)

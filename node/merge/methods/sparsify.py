@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from node.merge.methods.reduce import stable_dot, stable_sum
 from node.merge.methods.select import rank_range_mask, row_argsort, top_count_mask
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either l1 norm is below this
@@ -22,8 +23,8 @@ def apply_mask(
     scaled back to delta's l1 norm when `rescale` (mergekit: not when a norm is < 1e-7)."""
     keep = keep.reshape(-1)
     if rescale:
-        l1_before = w.sum()
-        l1_after = torch.dot(w, keep)  # |kept| summed in one pass, no masked copy
+        l1_before = stable_sum(w)
+        l1_after = stable_dot(w, keep)  # |kept| summed without a masked copy
         if l1_before >= RESCALE_EPS and l1_after >= RESCALE_EPS:
             keep.mul_(l1_before / l1_after)
     return delta.mul_(keep.view(delta.shape))

@@ -13,6 +13,7 @@ from node.merge.methods.base import (
     non_base_keys,
 )
 from node.merge.methods.params import read_model_params, read_params
+from node.merge.methods.reduce import stable_dot, stable_norm, stable_row_dot, stable_row_norm
 
 
 class MultiSlerpMerge:
@@ -46,10 +47,10 @@ class MultiSlerpMerge:
         if inputs.base is not None:
             stacked -= inputs.tensors[inputs.base]
         flat = stacked.view(len(keys), -1)
-        norms = torch.norm(flat, dim=-1, keepdim=True)  # (N, 1)
+        norms = stable_row_norm(flat).unsqueeze(-1)  # (N, 1)
         units = flat / (norms + eps)
         mean = (units * weights.view(-1, 1)).sum(0)
-        mean_norm = torch.norm(mean)
+        mean_norm = stable_norm(mean)
         if mean_norm < eps:
             if len(keys) != 2:
                 raise UserError(
@@ -70,9 +71,9 @@ class MultiSlerpMerge:
         units: torch.Tensor, weights: torch.Tensor, mean: torch.Tensor, eps: float
     ) -> torch.Tensor:
         """Project units to the tangent space at `mean`, average, map back (exp map)."""
-        tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+        tangents = units - stable_row_dot(units, mean.expand_as(units)).unsqueeze(-1) * mean
         tangent = (tangents * weights.view(-1, 1)).sum(0)
-        length = torch.norm(tangent) + eps
+        length = stable_norm(tangent) + eps
         result: torch.Tensor = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
         return result
 
@@ -105,7 +106,7 @@ def karcher_mean(
     tensors: list[torch.Tensor], alphas: list[float], max_iter: int, tol: float
 ) -> torch.Tensor:
     """Weighted Karcher mean direction of `tensors`, times sum(alpha_i * |x_i|)."""
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
+    norms = [stable_norm(x) for x in tensors]
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
@@ -115,21 +116,21 @@ def karcher_mean(
     mean = torch.zeros_like(units[0])
     for weight, unit in zip(weights, units, strict=True):
         mean += weight * unit
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean_norm = stable_norm(mean)
     mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for weight, unit in zip(weights, units, strict=True):
-            dot = torch.clamp(torch.dot(mean.view(-1), unit.view(-1)), -1.0, 1.0)
+            dot = torch.clamp(stable_dot(mean, unit), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
             tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
-        length = torch.linalg.vector_norm(tangent)
+        length = stable_norm(tangent)
         if length.item() < tol:
             break
         mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
-        mean_norm = torch.linalg.vector_norm(mean)
+        mean_norm = stable_norm(mean)
         if mean_norm.item() > tol:
             mean = mean / mean_norm
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
