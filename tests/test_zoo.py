@@ -27,13 +27,14 @@ def test_same_seed_gives_bit_identical_safetensors(
 ) -> None:
     again = build(tmp_path / "z", quick_config(), progress=False)
     assert len(again["safetensors_sha256"]) == 5  # base, 3 experts, 1 heterogeneous
-    # `tokenizers`' UnigramTrainer is not reproducible (measured: 4 runs, 4 vocabularies), so
-    # the heterogeneous expert is excluded; the shared BPE, the base and the experts are exact.
-    for name in ("base", "arith", "code", "prose"):
+    for name in ("base", "arith", "code", "prose", "gpt2-unigram"):
         rel = f"{name}/model.safetensors"
         assert again["safetensors_sha256"][rel] == mini_zoo["safetensors_sha256"][rel]
         mine, theirs = Path(again["root"]) / rel, Path(mini_zoo["root"]) / rel
         assert mine.read_bytes() == theirs.read_bytes()
+        assert (mine.parent / "tokenizer.json").read_bytes() == (
+            theirs.parent / "tokenizer.json"
+        ).read_bytes()
     hashes = again["safetensors_sha256"]
     assert len({hashes[f"{n}/model.safetensors"] for n in ("base", "arith", "code", "prose")}) == 4
 
