@@ -101,3 +101,15 @@ def test_two_skill_task_answers_are_right() -> None:
         assert int(number) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         expr = rest.replace("T", "True").replace("F", "False")
         assert truth == ("T" if eval(expr) else "F")
+
+
+def test_cli_refuses_a_foreign_directory_with_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    (tmp_path / "mine.txt").write_text("keep")
+    result = CliRunner().invoke(app, ["zoo", "build", "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 2
+    assert "--out" in result.output and "--force" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
