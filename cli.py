@@ -566,7 +566,7 @@ def zoo_build_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the zoo manifest as JSON.")] = False,
 ) -> None:
-    """Build the zoo offline and deterministically (about 10 minutes on 2 cores)."""
+    """Build the zoo offline and deterministically (about 5 CPU-minutes, single-threaded)."""
     import json
 
     from node.zoo import ZooConfig, build
