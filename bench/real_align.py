@@ -61,13 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--texts", type=int, default=24, help="held-out texts per domain")
     ap.add_argument("--mined-queries", type=int, default=200)
-    ap.add_argument("--metaspace-fix", action="store_true",
-                    help="work around the scheme_of bug (see real_fusion.patch_scheme_of)")  # fmt: skip
     args = ap.parse_args()
-    if args.metaspace_fix:
-        from real_fusion import patch_scheme_of
-
-        patch_scheme_of()
     texts = [e.text for d in ("python", "prose") for e in corpora.load(d, args.texts, "heldout")]
     toks = load_all()
     encs = {k: encode_all(t, texts) for k, t in toks.items()}

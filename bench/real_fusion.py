@@ -25,34 +25,6 @@ from node.eval import corpora
 
 DOMAINS = ("arithmetic", "logic", "python", "prose")
 UNODE = str(Path(sys.executable).with_name("unode"))
-FIXED_CLI = "unode-with-metaspace-fix"
-
-
-def patch_scheme_of() -> None:
-    """Work around a bug in node.fusion.tokens.scheme_of (reported): it looks for "▁" in an
-    ASCII-escaped JSON dump, so a tokenizer whose only metaspace marker is a Replace
-    normaliser/decoder (Gemma-3's) is taken as "plain" and none of its "▁word" tokens map to
-    another vocabulary. Changes the answer only where that bug shows."""
-    import node.fusion.tokens as tokens
-
-    original = tokens.scheme_of
-
-    def scheme_of(tokenizer: Any) -> tokens.Scheme:
-        scheme = original(tokenizer)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if scheme == "plain" and backend is not None and "\u2581" in backend.to_str():
-            return "metaspace"
-        return scheme
-
-    tokens.scheme_of = scheme_of
-
-
-def _run_cli_with_metaspace_fix() -> None:
-    from cli import main as cli_main
-
-    patch_scheme_of()
-    sys.argv = ["unode", *sys.argv[2:]]
-    cli_main()
 
 
 def log(msg: str) -> None:
@@ -115,7 +87,7 @@ def summarize_cmd(model: Path, corpus: Path, out: Path, args: argparse.Namespace
 
 
 def fuse_cmd(lam: float, out: Path, summaries: list[Path], args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, __file__, FIXED_CLI, "fuse", "--target", str(args.smollm2), "--corpus", str(args.corpus),
+    cmd = [UNODE, "fuse", "--target", str(args.smollm2), "--corpus", str(args.corpus),
            "--out", str(out), "--lam", str(lam), "--max-steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", "5",
            "--max-len", str(args.max_len), "--vocab-map", args.vocab_map, "--save-every", "1000"]  # fmt: skip
@@ -124,9 +96,8 @@ def fuse_cmd(lam: float, out: Path, summaries: list[Path], args: argparse.Namesp
     return cmd
 
 
-def evaluate(model: Path, n: int) -> dict[str, Any]:
+def evaluate(model: Path, n: int, cache: Path) -> dict[str, Any]:
     """Per-domain held-out scores with `unode eval --json` (its own process: memory)."""
-    cache = model / "eval.json"
     if not cache.exists():
         res = subprocess.run([UNODE, "eval", str(model), "--n", str(n), "--json"],
                              capture_output=True, text=True, check=True)  # fmt: skip
@@ -174,7 +145,7 @@ def main() -> None:
     rows = {}
     for name, path in models.items():
         t0 = time.perf_counter()
-        rows[name] = evaluate(path, args.n)
+        rows[name] = evaluate(path, args.n, args.work / f"eval_{path.name}.json")
         t[f"eval {name}"] = time.perf_counter() - t0
         log(f"evaluated {name}")
     lineage = json.loads((args.work / "fused" / "lineage.json").read_text())
@@ -190,7 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == FIXED_CLI:
-        _run_cli_with_metaspace_fix()
-    else:
-        main()
+    main()

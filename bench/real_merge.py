@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ def log(msg: str) -> None:
 
 def make_expert(base: Path, out: Path, mix: dict[str, float], args: argparse.Namespace) -> float:
     """Full fine-tuning of the base on one domain mix; returns seconds."""
+    torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -72,6 +75,7 @@ def recipes(base: Path, experts: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def run_merge(recipe: dict[str, Any], out: Path) -> float:
+    torch.set_num_threads(1)
     if out.exists():
         return 0.0
     path = out.with_suffix(".yaml")
@@ -81,6 +85,7 @@ def run_merge(recipe: dict[str, Any], out: Path) -> float:
 
 
 def scores_of(model_dir: Path, n: int, cache: Path) -> dict[str, Any]:
+    torch.set_num_threads(1)
     if cache.exists():
         return dict(json.loads(cache.read_text()))
     s = {d: v.to_json() for d, v in score_dir(model_dir, DOMAINS, n, "test", em=False).items()}
@@ -130,29 +135,31 @@ def main() -> None:
     ap.add_argument("--tokens-per-batch", type=int, default=384)
     ap.add_argument("--n", type=int, default=32, help="held-out tasks per domain (texts: n/4)")
     ap.add_argument("--grid", action="store_true", help="also run the layer-wise grid")
+    ap.add_argument("--jobs", type=int, default=5, help="steps run side by side")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    experts = []
-    for name, mix in EXPERTS.items():
-        out = args.work / f"expert_{name}"
-        if not out.exists():
-            timings[f"finetune {name}"] = make_expert(args.base, out, mix, args)
-        experts.append(out)
+    # a loaded machine shares CPU per process: independent steps run side by side
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    experts = [args.work / f"expert_{name}" for name in EXPERTS]
+    todo = {f"finetune {e.name[7:]}": pool.submit(make_expert, args.base, e, mix, args)
+            for e, mix in zip(experts, EXPERTS.values(), strict=True) if not e.exists()}  # fmt: skip
+    timings.update({k: f.result() for k, f in todo.items()})
     models = {"base (SmolLM2-135M)": args.base, **{f"expert {e.name[7:]}": e for e in experts}}
-    for method, recipe in recipes(args.base, experts).items():
-        timings[f"merge {method}"] = run_merge(recipe, args.work / f"merged_{method}")
+    merges = {m: pool.submit(run_merge, r, args.work / f"merged_{m}")
+              for m, r in recipes(args.base, experts).items()}  # fmt: skip
+    for method, fut in merges.items():
+        timings[f"merge {method}"] = fut.result()
         log(f"merged {method} in {timings[f'merge {method}']:.1f}s")
         models[method] = args.work / f"merged_{method}"
     if args.grid:
         grid = layerwise_grid(args.base, experts, args.work, args.n)
         models[f"layer-wise best ({grid['best']})"] = args.work / grid["best"]
         (args.work / "grid.json").write_text(json.dumps(grid, indent=2))
-    rows = {}
-    for name, path in models.items():
-        t0 = time.perf_counter()
-        rows[name] = scores_of(path, args.n, path / "scores_test.json")
-        log(f"scored {name} in {time.perf_counter() - t0:.0f}s")
+    t0 = time.perf_counter()
+    futs = {k: pool.submit(scores_of, p, args.n, p / "scores_test.json") for k, p in models.items()}
+    rows = {k: f.result() for k, f in futs.items()}
+    log(f"scored {len(rows)} models in {time.perf_counter() - t0:.0f}s")
     (args.work / "results.json").write_text(
         json.dumps({"scores": rows, "timings": timings}, indent=2)
     )
