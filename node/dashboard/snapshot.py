@@ -34,6 +34,7 @@ class Collector:
     async def snapshot(self) -> dict[str, Any]:
         peers = await discovery.live_peers(self.dht, self.network)
         live = [v for v in peers if v.record.experts or v.record.maddrs]  # withdrawn: empty
+        live.sort(key=lambda v: (-len(v.record.experts), v.record.peer_id))  # hosts first
         experts = await discovery.list_experts(self.dht, self.network)
         stats = await asyncio.gather(*(ask_stats(self.p2p, v.record.peer_id) for v in live))
         by_lineage = {
