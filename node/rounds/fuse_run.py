@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.metrics import registry as metrics
 from node.network.fetch import fetch_expert
 from node.network.hosting import Hosting
 from node.network.manifest import load_expert
@@ -122,6 +123,7 @@ class FuseRun:
         fuse_data.pack(raw, self.root / "units" / str(u))
         self.mine[u] = self._serve(self.root / "units" / str(u))
         await self._publish(u, int((time.monotonic() - start) * 1000))
+        metrics.UNITS_DONE.labels("fusion").inc()
         self.node.say(
             f"unode: round {self.rid.hex()[:12]}: summarized shard {k} with {source[:12]}"
         )

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from node.metrics import registry as metrics
 from node.rounds import records
 from node.rounds.inputs import RoundInputs
 from node.rounds.spec import RoundSpec, candidate_id
@@ -103,6 +104,7 @@ class ScoreRun:
             rec = Score(self.rid, cid, domain, METRIC, float(value), n_tokens, digest)
             await records.score(self.node.dht, self.node.identity, self.node.network, rec)
         self.scored.add(cid)
+        metrics.UNITS_DONE.labels("search").inc()
         shown = ", ".join(f"{d}={v:.4f}" for d, v, _, _ in results)
         self.node.say(
             f"unode: round {self.rid.hex()[:12]}: scored candidate {cid.hex()[:12]}: {shown}"
