@@ -49,11 +49,13 @@ class Tmux:
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", "dash")
 
-    def wait_for(self, *needles: str, timeout: float = 90.0) -> str:
+    def wait_for(self, *needles: str, absent: tuple[str, ...] = (), timeout: float = 90.0) -> str:
+        """The screen once it shows every needle and none of `absent` (a capture can catch a
+        redraw half-way: the new page on top, the rest of the old one below)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.screen()
-            if all(n in text for n in needles):
+            if all(n in text for n in needles) and not any(a in text for a in absent):
                 return text
             time.sleep(0.5)
         raise AssertionError(f"screen never showed {needles}; last screen:\n{text}")
@@ -233,17 +235,21 @@ def test_live_dashboard_in_a_terminal_shows_peers_experts_and_drills_down(net: N
     term = net.term
     assert term is not None
     by_domain = sorted(net.experts, key=lambda e: net.experts[e][1])  # code, general, math
-    screen = term.wait_for(net.a.peer_id, net.b.peer_id, *(e[:16] for e in by_domain))
+    screen = term.wait_for(
+        net.a.peer_id, net.b.peer_id, *(e[:16] for e in by_domain), "Search progress"
+    )
     assert "Experts by family" in screen and "Rounds" in screen, screen
     assert "LlamaForCausalLM" in screen and "math" in screen, screen
     # drill into the 3rd expert (family order, then domain): math, hosted by B
     term.keys("e", "j", "j", "Enter")
-    detail = term.wait_for("Card (signed by each host)", by_domain[2])
+    detail = term.wait_for(
+        "Card (signed by each host)", by_domain[2], "hosted by", absent=("Experts by family",)
+    )
     hosts = [line for line in detail.splitlines() if "hosted by" in line]
     assert len(hosts) == 1 and net.b.peer_id in hosts[0], detail
     assert "root (not made by a round)" in detail and "math" in detail, detail
     term.keys("b")
-    term.wait_for("Experts by family", net.a.peer_id)
+    term.wait_for("Experts by family", net.a.peer_id, absent=("Card (signed by each host)",))
     term.keys("q")
     after = term.wait_for("DASHBOARD_EXIT=", "STTY_DONE", timeout=30)
     assert "DASHBOARD_EXIT=0" in after, after
