@@ -75,10 +75,12 @@ class Net:
 
 
 def dashboard_command(maddr: str) -> str:
-    """The live dashboard, then its exit code and the terminal's modes once it has quit."""
+    """The live dashboard twice (quit with q, then with Ctrl+C), each followed by its exit code
+    and the terminal's modes."""
+    dash = f"{UNODE} dashboard --network {NETWORK} --initial-peers {maddr} --refresh 1"
     return (
-        f"{UNODE} dashboard --network {NETWORK} --initial-peers {maddr} --refresh 1; "
-        "echo DASHBOARD_EXIT=$?; stty -a; echo STTY_DONE; sleep 60"
+        f"{dash}; echo DASHBOARD_EXIT=$?; stty -a; echo STTY_DONE; "
+        f"{dash}; echo SECOND_EXIT=$?; stty -a; echo SECOND_DONE; sleep 60"
     )
 
 
@@ -255,6 +257,13 @@ def test_live_dashboard_in_a_terminal_shows_peers_experts_and_drills_down(net: N
     assert "DASHBOARD_EXIT=0" in after, after
     # the terminal is back in canonical mode with echo (cbreak mode undone)
     assert re.search(r"(?<![-\w])icanon\b", after) and re.search(r"(?<![-\w])echo\b", after), after
+    # the second run: Ctrl+C stops it (exit 130) and restores the terminal just the same
+    term.wait_for(net.a.peer_id, "Search progress", absent=("STTY_DONE",))
+    term.keys("C-c")
+    after = term.wait_for("SECOND_EXIT=", "SECOND_DONE", timeout=30)
+    assert "SECOND_EXIT=130" in after, after
+    modes = after[after.index("SECOND_EXIT=") :]
+    assert re.search(r"(?<![-\w])icanon\b", modes) and re.search(r"(?<![-\w])echo\b", modes), after
 
 
 @pytest.mark.slow

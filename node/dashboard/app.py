@@ -30,7 +30,7 @@ from node.network.config import NetworkConfig
 from node.network.session import Session
 
 log = logging.getLogger(__name__)
-EXIT_INTERRUPTED = 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each restores the terminal
 
 
 def take_snapshot(net: NetworkConfig) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def print_once(net: NetworkConfig, as_json: bool, refresh: float) -> None:
 
 
 def run_live(net: NetworkConfig, refresh: float) -> int:
-    """The live view until `q` (exit 0) or Ctrl+C (exit 130)."""
+    """The live view until `q` (exit 0), Ctrl+C (exit 130) or SIGTERM (143)."""
     if not sys.stdin.isatty() or not sys.stdout.isatty():
         raise UserError(
             "--once", "(not given)", "run it in a terminal, or pass --once [--json] for scripts",
@@ -92,11 +92,18 @@ class _Live:
         fd = sys.stdin.fileno()
         saved = termios.tcgetattr(fd)
         interrupted = asyncio.Event()
+        got: list[int] = []
         root, handlers = logging.getLogger(), logging.getLogger().handlers[:]
         root.handlers = [self.logs]
         tty.setcbreak(fd)
         loop.add_reader(fd, lambda: self.keys.put_nowait(os.read(fd, 64).decode(errors="ignore")))
-        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+
+        def on_signal(sig: int) -> None:
+            got.append(sig)
+            interrupted.set()
+
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, int(sig))
         refresher: asyncio.Task[None] | None = None
         try:
             with Live(console=_screen_console(), screen=True, auto_refresh=False) as self.live:
@@ -112,10 +119,11 @@ class _Live:
             if refresher is not None:
                 refresher.cancel()
             loop.remove_reader(fd)
-            loop.remove_signal_handler(signal.SIGINT)
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
             root.handlers = handlers
-        return EXIT_INTERRUPTED if interrupted.is_set() else 0
+        return 128 + got[0] if got else 0  # 130 after Ctrl+C, 143 after SIGTERM
 
     async def _refresh(self, collector: Collector) -> None:
         while True:
