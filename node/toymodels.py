@@ -55,7 +55,8 @@ def train_tokenizer(
             vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
         )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast: Any = PreTrainedTokenizerFast  # transformers' constructor is untyped
+    return fast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
@@ -103,7 +104,8 @@ def build_model(
         vocab_size = len(tokenizer) if tokenizer is not None else 512
     torch.manual_seed(seed)
     config = tiny_config(arch, vocab_size, hidden, layers)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    auto: Any = AutoModelForCausalLM
+    model = auto.from_config(config, dtype=dtype)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     if tokenizer is not None:
