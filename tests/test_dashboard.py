@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,13 +31,13 @@ TIMEOUT = 120
 class Tmux:
     """A private tmux server (its own socket) running one command in a 200x60 pane."""
 
-    def __init__(self, command: str) -> None:
-        self.socket = f"unode-dash-{uuid.uuid4().hex[:8]}"
+    def __init__(self, socket: Path, command: str) -> None:
+        self.socket = str(socket)  # in the test's tmp dir: nothing left in /tmp/tmux-UID
         self._tmux("new-session", "-d", "-s", "dash", "-x", "200", "-y", "60", command)
 
     def _tmux(self, *args: str) -> str:
         run = subprocess.run(
-            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20
+            ["tmux", "-S", self.socket, *args], capture_output=True, text=True, timeout=20
         )
         assert run.returncode == 0, run.stderr
         return run.stdout
@@ -61,7 +60,8 @@ class Tmux:
         raise AssertionError(f"screen never showed {needles}; last screen:\n{text}")
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=20)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=20)
+        Path(self.socket).unlink(missing_ok=True)
 
 
 @dataclass
@@ -112,7 +112,8 @@ def net(tmp_path_factory: pytest.TempPathFactory, llama_family: Any) -> Iterator
             load_expert(d, cache).expert_id.hex(): (host.peer_id, dom, d)
             for d, dom, host in ((base, "general", a), (ft0, "code", a), (ft1, "math", b))
         }
-        term = Tmux(dashboard_command(a.maddr)) if shutil.which("tmux") else None
+        if shutil.which("tmux"):
+            term = Tmux(tmp / "tmux.sock", dashboard_command(a.maddr))
         yield Net(a, b, experts, port, tmp, term)
     finally:
         if term is not None:
