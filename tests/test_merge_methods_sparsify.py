@@ -189,6 +189,17 @@ def test_della_keep_probability_rises_with_rank_like_mergekit() -> None:
     assert one_d.shape == (1000,) and 400 < int(torch.count_nonzero(one_d)) < 600
 
 
+@pytest.mark.parametrize("shape", [(403, 257), (6, 35, 9)])
+def test_della_blocks_of_rows_draw_as_one_whole_tensor(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    whole = sparsify.della_magprune(delta.clone(), 0.4, 0.1, True, tensor_generator(1, "w"))
+    monkeypatch.setattr(sparsify, "DELLA_BLOCK", 1000)  # blocks of 4 (x257) or 28 (x35) rows
+    blocks = sparsify.della_magprune(delta.clone(), 0.4, 0.1, True, tensor_generator(1, "w"))
+    assert torch.equal(blocks, whole) and 0 < int(torch.count_nonzero(whole)) < delta.numel()
+
+
 RANDOMIZED = ["dare_ties", "dare_linear", "della", "della_linear"]
 
 
@@ -286,10 +297,38 @@ def test_methods_never_modify_their_inputs() -> None:
     base = torch.randn(12, 10, generator=g)
     tensors = {"base": base, "a": base + torch.randn(12, 10, generator=g), "b": base + 1}
     copies = {k: v.clone() for k, v in tensors.items()}
-    for method in ("ties", "dare_ties", "della", "breadcrumbs_ties", "sce", "multislerp", "ram"):
-        per_model = {m: {"weight": 0.5, "density": 0.5} for m in "ab"}
+    methods = ("ties", "dare_ties", "della", "breadcrumbs_ties", "sce", "multislerp", "ram")
+    for method in (*methods, "task_arithmetic", "breadcrumbs", "linear"):
+        per_model = {m: {"weight": 0.5, "density": 0.5} for m in ("a", "b", "base")}
         merge(method, tensors, model_params=per_model, generator=tensor_generator(0, "w"))
+    merge("slerp", {"base": tensors["base"], "a": tensors["a"]}, params={"t": 0.3})
     assert all(torch.equal(tensors[k], copies[k]) for k in tensors)
+
+
+OWNED_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+OWNED_METHODS += ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "linear")
+OWNED_CASES = [
+    *((method, n) for method in OWNED_METHODS for n in (1, 2, 3, 5)),  # 5: a stacked sum
+    ("slerp", 1),
+]
+
+
+@pytest.mark.parametrize(("method", "n"), OWNED_CASES)
+def test_owned_inputs_give_the_same_bits(method: str, n: int) -> None:
+    """Merging into owned inputs changes no bit of the result, for any number of models."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(64, 48, generator=g)
+    tensors = {"base": base} | {f"m{i}": base + torch.randn(64, 48, generator=g) for i in range(n)}
+    per_model = {k: {"weight": 0.3 + 0.2 * i, "density": 0.6} for i, k in enumerate(tensors)}
+    kw: dict[str, Any] = {"params": {"t": 0.3}} if method == "slerp" else {}
+    if method != "slerp":
+        kw["model_params"] = per_model
+    expected = merge(method, tensors, generator=tensor_generator(3, "w"), **kw)
+    owned = {k: v.clone() for k, v in tensors.items()}
+    ptrs = {v.data_ptr() for v in owned.values()}
+    got = merge(method, owned, generator=tensor_generator(3, "w"), owned=True, **kw)
+    assert torch.equal(got, expected)
+    assert got.data_ptr() in ptrs  # merged into an input: no new full-size result
 
 
 # --- user errors ----------------------------------------------------------------------

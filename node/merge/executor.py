@@ -83,6 +83,7 @@ def merge_one(
     if job.vocab and remap is not None:
         tensors = remap.remap(tensors, job.base)
     inputs = MergeInputs(
+        owned=_distinct(tensors),  # ours (pooled or remapped): the method may overwrite them
         name=job.name,
         models=job.models,
         tensors=tensors,
@@ -103,12 +104,23 @@ def merge_one(
     return result
 
 
-def _recycle(pool: BufferPool, tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
-    """Give inputs back to the pool, except one the result shares storage with."""
-    kept = keep.untyped_storage().data_ptr()
+def _distinct(tensors: dict[str, torch.Tensor]) -> bool:
+    """No two tensors share storage (so overwriting one never changes another)."""
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors.values()]
+    return len(set(ptrs)) == len(ptrs)
+
+
+def _recycle(pool: BufferPool, tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> bool:
+    """Give inputs back to the pool, except one the result is (True then: give it after use)."""
+    kept, shared = keep.untyped_storage().data_ptr(), False
     for t in tensors.values():
-        if t.dtype == F32 and t.untyped_storage().data_ptr() != kept:
+        if t.dtype != F32:
+            continue
+        if t.untyped_storage().data_ptr() != kept:
             pool.give(t)
+        elif keep.shape == t.shape and keep.is_contiguous() and keep.data_ptr() == t.data_ptr():
+            shared = True
+    return shared
 
 
 def execution_order(jobs: Sequence[TensorJob]) -> list[int]:
@@ -125,8 +137,10 @@ class _Run:
         self.sizes = [_input_bytes(j, sources) for j in jobs]
         self.largest = max(self.sizes, default=0)
 
-    def write(self, job: TensorJob, result: torch.Tensor) -> None:
+    def write(self, job: TensorJob, result: torch.Tensor, pooled: bool) -> None:
         self.writer.write(job.name, result)  # the writer casts to the output dtype in chunks
+        if pooled:  # the method merged into one of its (owned) inputs: a pool buffer
+            self.pool.give(result)
 
     def loop(self, reader: ThreadPoolExecutor, out: ThreadPoolExecutor, bar: object) -> None:
         pending: Future[None] | None = None
@@ -139,12 +153,11 @@ class _Run:
             if i + 1 < len(self.jobs) and self.sizes[i] + self.sizes[i + 1] <= self.largest:
                 nxt = reader.submit(gather, self.jobs[i + 1], self.sources, self.pool)
             result = merge_one(job, tensors, self.method, self.seed, self.remap)
-            if job.floating:
-                _recycle(self.pool, tensors, result)
+            pooled = job.floating and _recycle(self.pool, tensors, result)
             del tensors
             if pending is not None:
                 pending.result()
-            pending = out.submit(self.write, job, result)
+            pending = out.submit(self.write, job, result, pooled)
             del result
             bar.update(1)  # type: ignore[attr-defined]
         if pending is not None:

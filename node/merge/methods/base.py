@@ -54,6 +54,10 @@ class MergeInputs:
     also listed under `models`); `tensors` maps every key, the base's included, to its
     tensor (float32, same shape). `model_params[key]` holds the resolved per-model
     parameters for this tensor; `params` the resolved method-level parameters.
+
+    `owned`: the caller gives the float tensors up to the method, which may then overwrite
+    them (and return one of them) to save memory; they must not share storage. Not owned
+    (the default), a method never modifies its inputs.
     """
 
     name: str
@@ -63,6 +67,7 @@ class MergeInputs:
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    owned: bool = False
 
 
 class MergeMethod(Protocol):

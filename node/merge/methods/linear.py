@@ -34,7 +34,9 @@ class LinearMerge:
                 weights,
                 "weights sum to 0: change them or set normalize: false",
             )
-        result = torch.mul(inputs.tensors[keys[0]], float(coefficients[0]))  # no zero fill
+        first, c0 = inputs.tensors[keys[0]], float(coefficients[0])
+        # into the first input when it is ours to overwrite; a new tensor (no zero fill) if not
+        result = first.mul_(c0) if inputs.owned else torch.mul(first, c0)
         for key, coefficient in zip(keys[1:], coefficients[1:], strict=True):
             result.add_(inputs.tensors[key], alpha=float(coefficient))
         if params["normalize"]:

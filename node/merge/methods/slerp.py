@@ -12,11 +12,11 @@ DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly
 NORM_EPS = 1e-8
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """Great-circle interpolation of the whole flattened tensors, applied to the raw tensors.
 
     Nearly parallel or antiparallel pairs (|cos| > 0.9995) and zero vectors fall back to
-    linear interpolation.
+    linear interpolation. `in_place`: the result is written into `v0`.
     """
     norm0 = stable_norm(v0)
     norm1 = stable_norm(v1)
@@ -33,7 +33,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         coef0 = torch.sin((1 - t_) * theta) / sin_theta
         coef1 = torch.sin(t_ * theta) / sin_theta
-    return torch.mul(v0, float(coef0)).add_(v1, alpha=float(coef1))
+    result = v0.mul_(float(coef0)) if in_place else torch.mul(v0, float(coef0))
+    return result.add_(v1, alpha=float(coef1))
 
 
 class SlerpMerge:
@@ -53,7 +54,8 @@ class SlerpMerge:
         assert inputs.base is not None  # check_inputs rejects a recipe without one
         (other,) = non_base_keys(inputs)
         t = read_params(self.global_params, inputs)["t"]
-        return slerp(t, inputs.tensors[inputs.base], inputs.tensors[other])
+        v0, v1 = inputs.tensors[inputs.base], inputs.tensors[other]
+        return slerp(t, v0, v1, in_place=inputs.owned)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

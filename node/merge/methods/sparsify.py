@@ -108,16 +108,35 @@ def della_magprune(
     by_rank = torch.arange(width, dtype=torch.float32).div_(max(width - 1, 1)).clamp_(0, 1)
     by_rank = (density - epsilon) + by_rank * 2 * epsilon
     thresholds = by_rank.mul_(65536).round_().sub_(32768).to(torch.int32)
-    # One argsort per row, of the magnitudes' bit patterns (non-negative floats order as
-    # their int32 bits, which sort faster; mergekit argsorts every row twice). Draws are
-    # made in sorted order, decisions scattered back to their elements.
     magnitudes = rows.abs()  # (R, C), contiguous
-    order = row_argsort(magnitudes.view(torch.int32))
-    keep_sorted = torch.lt(
-        random_int16(rows.shape, generator), thresholds, out=torch.empty(rows.shape)
-    )
-    keep = torch.empty(rows.shape).scatter_(1, order, keep_sorted)  # (R, C)
+    keep = _della_keep(magnitudes, thresholds, generator)
     if delta.dim() > 2:
         keep = keep.view(delta.movedim(1, -1).shape).movedim(-1, 1)
     w = magnitudes.view(-1) if delta.dim() <= 2 else delta.view(-1).abs()
     return apply_mask(delta, w, keep.reshape(delta.shape), rescale)
+
+
+DELLA_BLOCK = 1 << 21  # elements ranked at once: bounds the sort's and the draws' temporaries
+
+
+def _della_keep(
+    magnitudes: torch.Tensor, thresholds: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Float 0/1 keep decisions of (R, C) magnitudes, a block of rows at a time.
+
+    One argsort per row, of the magnitudes' bit patterns (non-negative floats order as
+    their int32 bits, which sort faster; mergekit argsorts every row twice). Draws are
+    made in sorted order, decisions scattered back to their elements. Blocks hold a
+    multiple of 4 elements, so they consume the generator exactly as one whole draw would.
+    """
+    n_rows, width = magnitudes.shape
+    step = max(4, DELLA_BLOCK // max(width, 1) // 4 * 4)
+    keep = torch.empty(magnitudes.shape)
+    for a in range(0, n_rows, step):
+        block = magnitudes[a : a + step]
+        order = row_argsort(block.view(torch.int32))
+        draws = random_int16(block.shape, generator)
+        kept = torch.lt(draws, thresholds, out=torch.empty(block.shape))
+        keep[a : a + step].scatter_(1, order, kept)
+        del order, draws, kept
+    return keep

@@ -7,7 +7,7 @@ GeneralizedTaskArithmeticMerge does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -105,17 +105,17 @@ class TaskVectorMerge:
         params = read_params(self.global_params, inputs)
         per_model = read_model_params(self.model_params, inputs, keys)
         deltas = self._sparse_deltas(inputs, keys, base, params["rescale"], per_model)
-        weights = torch.tensor(per_model["weight"], dtype=deltas.dtype)
-        for delta, weight in zip(deltas, weights.tolist(), strict=True):
-            delta.mul_(weight)  # a scalar per row: broadcasting an (N, 1, ...) tensor is slower
-        weights = weights.view(-1, *([1] * base.dim()))  # (N, 1, ..., 1)
+        weights = per_model["weight"]
+        for delta, weight in zip(deltas, weights, strict=True):
+            delta.mul_(weight)  # a scalar per model: broadcasting an (N, 1, ...) tensor is slower
         if self.consensus:
-            mixed, divisor = sign_consensus_sum(deltas, per_model["weight"], weighted=True)
+            mixed, divisor = sign_consensus_sum(deltas, weights, weighted=True, reuse=True)
             divisor.add_(torch.eq(divisor, 0, out=torch.empty(divisor.shape)))  # 0 -> 1
         else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
+            mixed = model_sum(deltas, into_first=True)
+            divisor = torch.tensor(weights).view(-1, *([1] * base.dim())).sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
+        del deltas
         if params["normalize"]:
             mixed /= divisor
         if params["lambda"] != 1:
@@ -129,36 +129,70 @@ class TaskVectorMerge:
         base: torch.Tensor,
         rescale: bool,
         per_model: dict[str, list[Any]],
-    ) -> torch.Tensor:
-        """(N, *shape) task vectors, each sparsified in place."""
-        deltas = torch.empty((len(keys), *base.shape), dtype=torch.float32)
+    ) -> list[torch.Tensor]:
+        """One task vector per model, each sparsified in place.
+
+        Owned inputs (`MergeInputs.owned`) become their task vectors in place; otherwise the
+        task vectors are new tensors and the inputs are left untouched.
+        """
         if self.sparsifier is not None:
             check_density(per_model["density"], keys)
+        deltas = []
         for index, key in enumerate(keys):
-            torch.sub(inputs.tensors[key], base, out=deltas[index])
+            x = inputs.tensors[key]
+            delta = x.sub_(base) if inputs.owned else torch.sub(x, base)
             if self.sparsifier is not None:
                 values = {name: per_model[name][index] for name in per_model}
                 values["rescale"] = rescale
-                SPARSIFIERS[self.sparsifier](deltas[index], values, inputs.generator)
+                SPARSIFIERS[self.sparsifier](delta, values, inputs.generator)
+            deltas.append(delta)
         return deltas
 
 
+SEQUENTIAL_SUM = 4  # up to this many terms torch's sum over dim 0 adds them in order
+
+
+def model_sum(deltas: Sequence[torch.Tensor] | torch.Tensor, into_first: bool) -> torch.Tensor:
+    """Elementwise sum over models, bit for bit `torch.stack(deltas).sum(dim=0)`.
+
+    Up to `SEQUENTIAL_SUM` terms it is a running sum (into `deltas[0]` when `into_first`, the
+    caller giving that tensor up), so no stacked copy of every task vector is made.
+    """
+    if isinstance(deltas, torch.Tensor):
+        return deltas.sum(dim=0)
+    if len(deltas) > SEQUENTIAL_SUM:  # torch's cascade sum regroups more terms: stack them
+        stacked = torch.stack(list(deltas))
+        return torch.sum(stacked, dim=0, out=deltas[0]) if into_first else stacked.sum(dim=0)
+    if len(deltas) == 1:
+        return deltas[0] if into_first else deltas[0].clone()
+    total = deltas[0].add_(deltas[1]) if into_first else torch.add(deltas[0], deltas[1])
+    for delta in deltas[2:]:
+        total.add_(delta)
+    return total
+
+
 def sign_consensus_sum(
-    deltas: torch.Tensor, weights: list[float], weighted: bool
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
+    weights: list[float],
+    weighted: bool,
+    reuse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over the entries whose sign agrees with the sign of deltas.sum(0) (TIES, SCE).
+    """Sums over the entries whose sign agrees with the sign of the sum of deltas (TIES, SCE).
 
     Returns (sum of agreeing deltas, times their weight unless `weighted` says the deltas
     already carry it; sum of the agreeing weights, 0 replaced by 1). Zero entries never
     agree; a positive-or-zero sum elects +1. Same sums as mergekit's float sign mask,
     built with float compares per model (bool `where` and broadcast mixed-dtype products
-    are ~10x slower on CPU).
+    are ~10x slower on CPU). `reuse`: the caller gives up `deltas[0]`, which becomes the sum.
     """
-    shape = deltas.shape[1:]
-    elected = torch.ge(deltas.sum(dim=0), 0, out=torch.empty(shape)).mul_(2).sub_(1)  # ±1
-    mixed, divisor, agree = torch.empty(shape), torch.empty(shape), torch.empty(shape)
+    shape = deltas[0].shape
+    elected = model_sum(deltas, into_first=False)
+    torch.ge(elected, 0, out=elected).mul_(2).sub_(1)  # ±1
+    divisor, agree = torch.empty(shape), torch.empty(shape)
+    mixed = deltas[0] if reuse else torch.empty(shape)
     for index, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
-        torch.gt(delta * elected, 0, out=agree)  # 1.0 where the sign agrees
+        torch.mul(delta, elected, out=agree)
+        torch.gt(agree, 0, out=agree)  # 1.0 where the sign agrees
         if index == 0:  # (0 + x is x: starting from the first term skips two fills)
             torch.mul(delta, agree if weighted else agree * weight, out=mixed)
             torch.mul(agree, weight, out=divisor)
