@@ -93,27 +93,28 @@ def scores_of(model_dir: Path, n: int, cache: Path) -> dict[str, Any]:
     return s
 
 
-def layerwise_grid(base: Path, experts: list[Path], work: Path, n: int) -> dict[str, Any]:
-    """A small layer-wise search: per expert a weight for the lower and the upper half of the
-    layers, chosen on the `search` half of the held-out split (the table reports the `test` half).
-    """
-    n_layers = 30  # SmolLM2-135M
-    best: tuple[float, str] | None = None
-    results = {}
+def _grid_point(base: Path, experts: list[Path], w: np.ndarray, out: Path, n: int) -> float:
+    """Merge one layer-wise point and score it on the `search` half: mean bits per byte."""
+    run_merge(layer_recipe(base, experts, w, 30), out)  # SmolLM2-135M has 30 layers
+    s = score_dir(out, DOMAINS, n, "search", em=False)
+    return float(np.mean([v.bits_per_byte for v in s.values()]))
+
+
+def layerwise_grid(
+    base: Path, experts: list[Path], work: Path, n: int, pool: ProcessPoolExecutor
+) -> dict[str, Any]:
+    """A small layer-wise search: task arithmetic with one weight per expert for the lower and
+    the upper half of the layers, chosen on the `search` half of the held-out split (the table
+    reports the `test` half). Points run side by side."""
+    points = {}
     for lo in (0.5, 1.0):
         for hi in (0.5, 1.0):
-            w = np.array([[lo, hi], [hi, lo]])  # reasoning expert low/high vs python reversed
-            name = f"layers_{lo}_{hi}"
-            out = work / name
-            run_merge(layer_recipe(base, experts, w, n_layers), out)
-            s = {d: v.to_json() for d, v in score_dir(out, DOMAINS, n, "search", em=False).items()}
-            mean = float(np.mean([v["bits_per_byte"] for v in s.values()]))
-            results[name] = mean
-            log(f"grid {name}: mean search bpb {mean:.4f}")
-            if best is None or mean < best[0]:
-                best = (mean, name)
-    assert best is not None
-    return {"grid": results, "best": best[1]}
+            points[f"layers_{lo}_{hi}"] = np.array([[lo, hi], [hi, lo]])  # python expert reversed
+    futs = {k: pool.submit(_grid_point, base, experts, w, work / k, n) for k, w in points.items()}
+    results = {k: f.result() for k, f in futs.items()}
+    for k, v in results.items():
+        log(f"grid {k}: mean search bpb {v:.4f}")
+    return {"grid": results, "best": min(results, key=results.__getitem__)}
 
 
 def table(rows: dict[str, dict[str, Any]]) -> None:
@@ -153,7 +154,7 @@ def main() -> None:
         log(f"merged {method} in {timings[f'merge {method}']:.1f}s")
         models[method] = args.work / f"merged_{method}"
     if args.grid:
-        grid = layerwise_grid(args.base, experts, args.work, args.n)
+        grid = layerwise_grid(args.base, experts, args.work, args.n, pool)
         models[f"layer-wise best ({grid['best']})"] = args.work / grid["best"]
         (args.work / "grid.json").write_text(json.dumps(grid, indent=2))
     t0 = time.perf_counter()
