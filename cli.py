@@ -81,24 +81,43 @@ def _size(text: str) -> int:
 @app.command("demo")
 def demo_cmd(
     home: Annotated[
-        Path | None, typer.Option(help="Cache directory (default $UNODE_HOME or ~/.cache/unode).")
+        Path | None,
+        typer.Option(help="Cache and work directory (default $UNODE_HOME or ~/.cache/unode)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Tiny untrained toy experts instead of the zoo (seconds).")
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG plot path (default <home>/demo/demo.png).")
     ] = None,
 ) -> None:
-    """Build tiny offline models (cached) and merge them three ways; print what was done."""
-    import os
+    """Start 3 local nodes hosting the built-in experts; run a merge, a search and a fusion
+    round through the network; print a per-domain table and write a PNG plot."""
+    import json
 
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from node.merge.demo import run_demo, unode_home
+    from node.demo import DemoConfig, run_demo
+    from node.demo.table import Row, render
 
     try:
-        reports = run_demo(home)
+        result = run_demo(DemoConfig(home=home, quick=quick, plot=plot))
     except UserError as err:
         fail(err)
-    typer.echo(f"tiny Llama-shaped models in {(home or unode_home()) / 'demo-models'}")
-    typer.echo(f"{'method':<10} {'tensors':>7} {'params':>9} {'seconds':>8}  output")
-    for r in reports:
-        typer.echo(f"{r.method:<10} {r.tensors:>7} {r.params:>9} {r.seconds:>8.2f}  {r.out_dir}")
-    typer.echo("load one with AutoModelForCausalLM.from_pretrained(<output>)")
+    except KeyboardInterrupt:
+        typer.echo("demo: interrupted; every node stopped", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    rows = [Row(r["model"], r["kind"], Path(r["path"]), r["scores"]) for r in result["rows"]]
+    typer.echo(render(rows, tuple(result["domains"])))
+    merge = result["rounds"]["merge"]
+    typer.echo(f"merge round {merge['round_id'][:12]}: bit-identical to the local merge: "
+               f"{result['merge_bit_identical']}")  # fmt: skip
+    search = result["rounds"]["search"]
+    typer.echo(f"search round: start {search['start_score']:.4f} -> best "
+               f"{search['best_score']:.4f} bits per byte ({search['evaluated']} candidates)")  # fmt: skip
+    typer.echo(f"plot: {result['plot']}   total {result['seconds']:.0f}s")
 
 
 # --- keys (protocol identity) -----------------------------------------------------------

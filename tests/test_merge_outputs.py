@@ -198,14 +198,6 @@ def test_cli_json_summary(llama_family: Any, tmp_path: Path) -> None:
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
 
 
-def test_demo_runs_and_reports(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--home", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    for method in ("ties", "dare_ties", "slerp"):
-        assert method in result.stdout
-        assert (tmp_path / "demo-merges" / method / "model.safetensors").is_file()
-
-
 def test_chat_template_text_is_installed(llama_family: Any, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
