@@ -106,6 +106,9 @@ def demo_cmd(
     except KeyboardInterrupt:
         typer.echo("demo: interrupted; every node stopped", err=True)
         raise typer.Exit(130) from None
+    except RuntimeError as err:  # a round or a node failed: its own output says why
+        typer.echo(f"demo: failed (every node stopped): {err}", err=True)
+        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

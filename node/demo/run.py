@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 from node.demo import plot, steps, table
-from node.demo.experts import DemoModels, Say, quick_models, unode_home, zoo_models
+from node.demo.experts import DemoModels, Expert, Say, quick_models, unode_home, zoo_models
 from node.demo.swarm import Swarm, check_home
 
 
@@ -55,11 +56,17 @@ def start_nodes(swarm: Swarm, models: DemoModels, say: Say) -> None:
         ("node1", list(models.experts[:half])),
         ("node2", list(models.experts[half:])),
     ]
-    for name, hosted in plan:
+
+    def start(name: str, hosted: list[Expert]) -> None:
         t0 = time.perf_counter()
         swarm.start_node(name, hosted, env)
         names = ", ".join(f"{e.name} ({e.domain})" for e in hosted)
         say(f"{name} up in {time.perf_counter() - t0:.1f}s hosting {names}")
+
+    start(*plan[0])  # the others bootstrap from it, and join at once
+    with ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(start, *p) for p in plan[1:]]:
+            f.result()
 
 
 def run_demo(cfg: DemoConfig, say: Say = stderr_say) -> dict[str, Any]:
@@ -102,7 +109,7 @@ def run_rounds(swarm: Swarm, models: DemoModels, say: Say) -> dict[str, steps.Ro
     same = steps.tensor_bytes(merged.expert_dir) == steps.tensor_bytes(local)
     merged.info["bit_identical"] = same
     say(f"merge round done in {merged.seconds:.1f}s; bit-identical to local merge: {same}")
-    budget, pop = (4, 2) if models.kind == "quick" else (12, 4)
+    budget, pop = (3, 3) if models.kind == "quick" else (12, 4)
     say(f"search round: CMA-ES over layer-wise weights, {budget} candidates scored by peers")
     searched = steps.search_round(swarm, models, ids, budget, pop)
     s = searched.info

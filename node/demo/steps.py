@@ -3,6 +3,7 @@ and the local `unode merge` that the merge round's expert must equal bit for bit
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,17 +96,21 @@ def search_round(
 
 
 def fusion_corpus(models: DemoModels, out: Path) -> Path:
-    """Quick: the toy instruction corpus; zoo: training texts of every evaluation domain."""
+    """Quick: the toy instruction corpus; zoo: training items of every evaluation domain, as
+    instruction-response pairs (a task's prompt and answer; a text's first third and the rest)."""
     from node.eval import corpora
     from node.fusion.corpus import write_toy_corpus
 
+    path = out.with_suffix(".jsonl")
     if models.kind == "quick":
-        return write_toy_corpus(out.with_suffix(".jsonl"), n=12, max_chars=120)
-    texts = []
+        return write_toy_corpus(path, n=12, max_chars=120)
+    records = []
     for d in models.domains:
-        texts += [e.text.strip().replace("\n\n", "\n") for e in corpora.load(d, 24, "train")]
-    path = out.with_suffix(".txt")
-    path.write_text("\n\n".join(texts) + "\n")
+        for e in corpora.load(d, 24, "train"):
+            cut = len(e.text) // 3
+            pair = (e.prompt, e.answer) if e.answer else (e.text[:cut], e.text[cut:])
+            records.append({"instruction": pair[0], "response": pair[1]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
 
 
