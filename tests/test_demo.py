@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import uuid
@@ -154,3 +155,31 @@ def test_demo_home_that_is_a_file_is_refused(tmp_path: Path) -> None:
     )
     assert res.returncode == 2 and "--home" in res.stderr
     assert home.read_text() == "x" and sorted(tmp_path.iterdir()) == [home]
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_every_child(tmp_path: Path) -> None:
+    tag = f"demo-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen(
+        [UNODE, "demo", "--quick", "--home", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "UNODE_DEMO_TEST_TAG": tag},
+    )
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # wait until the nodes run and a round is under way
+            seen.append(line)
+            if "merge round:" in line:
+                break
+        assert len(tagged_pids(tag)) >= 9, "".join(seen)  # 3 nodes, each with a DHT and p2pd
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; every node stopped" in err
+    assert tagged_pids(tag) == []
