@@ -2,8 +2,9 @@
 writing the previous result on two helper threads while the current one is merged.
 
 Memory stays at about the largest tensor's inputs plus its method temporaries: the next job is
-prefetched only when both jobs' inputs together fit in the largest job's, and buffers are
-recycled through a plan-aware pool. Largest tensors run first (the file layout is fixed by the
+prefetched only when both jobs' inputs together fit in the largest job's, inputs are handed to
+the method as owned (it may merge into them), and buffers, results included, are recycled
+through a plan-aware pool. Largest tensors run first (the file layout is fixed by the
 plan, so execution order never changes the output bytes).
 """
 
