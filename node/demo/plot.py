@@ -32,7 +32,7 @@ FONT = {
     "X": "101101010101101", "Y": "101101010010010", "Z": "111001010100111",
     ".": "000000000000010", "-": "000000111000000", ":": "000010000010000",
     "/": "001001010100100", "(": "010100100100010", ")": "010001001001010",
-    "_": "000000000000111", "=": "000111000111000", "+": "000010111010000",
+    "_": "000000000000111", "%": "101001010100101", "=": "000111000111000", "+": "000010111010000",
 }  # fmt: skip
 
 
@@ -75,7 +75,9 @@ class Canvas:
                     self.rect(cx, cy, cx + scale, cy + scale, rgb)
 
 
-def coefficient_series(recipe: dict[str, Any]) -> list[tuple[str, list[float]]]:
+def coefficient_series(
+    recipe: dict[str, Any], names: list[str] | None = None
+) -> list[tuple[str, list[float]]]:
     """(label, per-layer values) for each model's layer-wise weight tables in a recipe."""
     out = []
     for i, m in enumerate(recipe.get("models", [])):
@@ -86,7 +88,10 @@ def coefficient_series(recipe: dict[str, Any]) -> list[tuple[str, list[float]]]:
             value = entry.get("value")
             if isinstance(value, dict) and "layers" in value:
                 out.append(
-                    (f"M{i + 1} {entry.get('filter', '')}", [float(v) for v in value["layers"]])
+                    (
+                        f"{names[i] if names and i < len(names) else i + 1} {entry.get('filter', '')}",
+                        [float(v) for v in value["layers"]],
+                    )
                 )
     return out
 
@@ -132,11 +137,15 @@ def bars(
 
 
 def write_demo_plot(
-    path: Path, recipe: dict[str, Any], rows: list[Row], domains: tuple[str, ...]
+    path: Path,
+    recipe: dict[str, Any],
+    rows: list[Row],
+    domains: tuple[str, ...],
+    names: list[str] | None = None,
 ) -> Path:
     """Left: searched per-layer weights; right: bits per byte per domain (lower is better)."""
     c = Canvas(W, H)
-    coeff = coefficient_series(recipe)
+    coeff = coefficient_series(recipe, names)  # names: the recipe's models, in order
     n_layers = max((len(v) for _, v in coeff), default=0)
     bars(
         c,

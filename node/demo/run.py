@@ -88,7 +88,8 @@ def run_demo(cfg: DemoConfig, say: Say = stderr_say) -> dict[str, Any]:
             swarm.close()
     rows = score_all(models, rounds, say)
     png = cfg.plot or home / "demo" / "demo.png"
-    plot.write_demo_plot(png, rounds["search"].info["best_recipe"], rows, models.domains)
+    names = [e.name for e in models.experts]
+    plot.write_demo_plot(png, rounds["search"].info["best_recipe"], rows, models.domains, names)
     say(f"plot written to {png}")
     return {
         "models": models.kind,
