@@ -98,7 +98,7 @@ def fuse_cmd(lam: float, out: Path, summaries: list[Path], args: argparse.Namesp
 
 def evaluate(model: Path, n: int, cache: Path) -> dict[str, Any]:
     """Per-domain held-out scores with `unode eval --json` (its own process: memory)."""
-    if not cache.exists():
+    if not cache.exists() or cache.stat().st_size == 0:  # an interrupted run leaves it empty
         res = subprocess.run([UNODE, "eval", str(model), "--n", str(n), "--json"],
                              capture_output=True, text=True, check=True)  # fmt: skip
         cache.write_text(res.stdout)
