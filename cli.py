@@ -525,7 +525,9 @@ def experts_cmd(
 
 # --- rounds (node/rounds) --------------------------------------------------------------
 
-round_app = typer.Typer(help="Cooperative rounds: sharded merges, layer-wise search.", no_args_is_help=True)
+round_app = typer.Typer(
+    help="Cooperative rounds: sharded merges, layer-wise search.", no_args_is_help=True
+)
 app.add_typer(round_app, name="round")
 
 
@@ -537,16 +539,28 @@ def _round_check(flag: str, value: float, lo: float, hi: float) -> float:
 
 @round_app.command("merge")
 def round_merge_cmd(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe whose models are unode://<expert id>.")],
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe whose models are unode://<expert id>.")
+    ],
     initial_peers: InitialPeers = None,
     network: NetName = None,
     units: Annotated[int, typer.Option(help="Work units (0: one per layer).")] = 0,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the round until the expert is announced.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait (for pickup, or with --wait).")] = 600.0,
-    claim_ttl: Annotated[float, typer.Option(help="Seconds a worker's claim on a unit lives.")] = 60.0,
-    verify_rate: Annotated[float, typer.Option(help="Share of others' units each worker recomputes.")] = 0.25,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the round until the expert is announced.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait (for pickup, or with --wait).")
+    ] = 600.0,
+    claim_ttl: Annotated[
+        float, typer.Option(help="Seconds a worker's claim on a unit lives.")
+    ] = 60.0,
+    verify_rate: Annotated[
+        float, typer.Option(help="Share of others' units each worker recomputes.")
+    ] = 0.25,
     name: Annotated[str, typer.Option(help="Name of the merged expert.")] = "merged",
-    domain: Annotated[str, typer.Option(help="Domain the merged expert is announced under.")] = "general",
+    domain: Annotated[
+        str, typer.Option(help="Domain the merged expert is announced under.")
+    ] = "general",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -576,17 +590,29 @@ def round_merge_cmd(
 
 # --- zoo (node/zoo) --------------------------------------------------------------------
 
-zoo_app = typer.Typer(help="The built-in expert zoo (base, domain experts, heterogeneous experts).", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="The built-in expert zoo (base, domain experts, heterogeneous experts).",
+    no_args_is_help=True,
+)
 app.add_typer(zoo_app, name="zoo")
 
 
 @zoo_app.command("build")
 def zoo_build_cmd(
-    out: Annotated[Path | None, typer.Option("--out", help="Zoo directory (default: $UNODE_HOME/zoo or ~/.cache/unode/zoo).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a complete zoo is there.")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Zoo directory (default: $UNODE_HOME/zoo or ~/.cache/unode/zoo)."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if a complete zoo is there.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of every random choice in the build.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the zoo manifest as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the zoo manifest as JSON.")
+    ] = False,
 ) -> None:
     """Build the zoo offline and deterministically (about 5 CPU-minutes, single-threaded)."""
     import json
@@ -653,7 +679,9 @@ def _import_progress(msg: str) -> None:
 
 @round_app.command("search")
 def round_search_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Starting recipe; models are unode://<expert id>.")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Starting recipe; models are unode://<expert id>.")
+    ],
     initial_peers: InitialPeers = None,
     network: NetName = None,
     budget: Annotated[int, typer.Option(help="Candidates to evaluate in total.")] = 16,
@@ -661,8 +689,12 @@ def round_search_cmd(
     groups: Annotated[int, typer.Option(help="Layer groups (per module class) searched.")] = 2,
     sigma: Annotated[float, typer.Option(help="CMA-ES initial step size.")] = 0.15,
     scorers: Annotated[int, typer.Option(help="Peers that must score each candidate.")] = 1,
-    score_timeout: Annotated[float, typer.Option(help="Seconds to wait for a generation's scores.")] = 300.0,
-    merge_best: Annotated[bool, typer.Option("--merge/--no-merge", help="Run a merge round for the best recipe.")] = True,
+    score_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a generation's scores.")
+    ] = 300.0,
+    merge_best: Annotated[
+        bool, typer.Option("--merge/--no-merge", help="Run a merge round for the best recipe.")
+    ] = True,
     out: Annotated[Path | None, typer.Option(help="Write the best recipe (YAML) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -694,12 +726,16 @@ def round_search_cmd(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
-        typer.echo(f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}; expert {result['expert_id']}")
+        typer.echo(
+            f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}; expert {result['expert_id']}"
+        )
 
 
 @round_app.command("fuse")
 def round_fuse_cmd(
-    target: Annotated[str, typer.Option(help="Expert id (or 8+ hex prefix) of the model to train.")],
+    target: Annotated[
+        str, typer.Option(help="Expert id (or 8+ hex prefix) of the model to train.")
+    ],
     sources: Annotated[list[str], typer.Option("--sources", help="Source expert id (repeatable).")],
     corpus: Annotated[Path, typer.Option(help="Instruction-response .jsonl corpus.")],
     initial_peers: InitialPeers = None,
@@ -708,7 +744,9 @@ def round_fuse_cmd(
     max_steps: Annotated[int, typer.Option(help="Training steps of the target.")] = 20,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
     lam: Annotated[float, typer.Option(help="Weight of the CLM term (1 - lam on fusion).")] = 0.9,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the round until the expert is announced.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the round until the expert is announced.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 1800.0,
     name: Annotated[str, typer.Option(help="Name of the fused expert.")] = "fused",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
