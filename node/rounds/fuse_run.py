@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import time
 from pathlib import Path
@@ -180,9 +181,40 @@ class FuseRun:
             extra_lineage={"round_id": self.rid.hex()},
         )
         await asyncio.to_thread(fuse, cfg)
+        portable_output(out, self.root)
         eid = await self.node.host_expert(out, self.spec.domain, self.rid)
         self.done = True
         self.node.say(f"UNODE_ROUND_DONE round={self.rid.hex()} expert={eid.hex()}")
 
     def close(self) -> None:
         return None
+
+
+LOCAL_PATH_KEYS = ("corpus", "out", "target", "path")
+
+
+def portable_output(out: Path, root: Path) -> None:
+    """Strip what differs between honest trainers, so each announces the same expert id.
+
+    Training is deterministic (same summaries, corpus, seed), but the lineage names local
+    paths and the loss log holds wall times: both would change the manifest hash. Paths are
+    dropped (content hashes stay) and the loss log moves next to the round's state.
+    """
+    log = out / "train_log.jsonl"
+    if log.exists():
+        log.replace(root / "train_log.jsonl")
+    lineage_file = out / "lineage.json"
+    lineage = json.loads(lineage_file.read_text())
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: strip(v)
+                for k, v in node.items()
+                if k not in LOCAL_PATH_KEYS or not isinstance(v, str)
+            }
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    lineage_file.write_text(json.dumps(strip(lineage), indent=2, sort_keys=True) + "\n")
