@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from node.eval import corpora
+from node.eval import corpora, metrics
 
 DOMAINS = ("arithmetic", "logic", "python", "prose")
 UNODE = str(Path(sys.executable).with_name("unode"))
@@ -96,12 +97,34 @@ def fuse_cmd(lam: float, out: Path, summaries: list[Path], args: argparse.Namesp
     return cmd
 
 
+def evaluate_small_batches(model_dir: Path, n: int, batch_size: int = 2) -> str:
+    """What `unode eval --json` computes (same examples, same metrics), in small batches:
+    its batch of 16 rows × 256 positions × a 262k vocabulary is 4.3 GB of logits per copy,
+    which is how session 1's Gemma-3 eval died."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    scores = []
+    for domain in DOMAINS:
+        examples = corpora.load(domain, n, "heldout")
+        bpb = metrics.bits_per_byte(model, tok, [e.text for e in examples], batch_size)
+        tasks = [e for e in examples if e.answer][:32]  # metrics.evaluate's n_generate
+        em = metrics.exact_match(model, tok, tasks) if tasks else None
+        scores.append(metrics.DomainScore(domain, bpb, em, len(examples)))
+    return json.dumps({"model": str(model_dir), "scores": metrics.as_json(scores)}, indent=2)
+
+
 def evaluate(model: Path, n: int, cache: Path) -> dict[str, Any]:
-    """Per-domain held-out scores with `unode eval --json` (its own process: memory)."""
+    """Per-domain held-out scores with `unode eval --json` (its own process: memory); models
+    with a vocabulary over 100k in small batches in this process."""
     if not cache.exists() or cache.stat().st_size == 0:  # an interrupted run leaves it empty
-        res = subprocess.run([UNODE, "eval", str(model), "--n", str(n), "--json"],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        cache.write_text(res.stdout)
+        if json.loads((model / "config.json").read_text()).get("vocab_size", 0) > 100_000:
+            cache.write_text(evaluate_small_batches(model, n))
+        else:
+            res = subprocess.run([UNODE, "eval", str(model), "--n", str(n), "--json"],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            cache.write_text(res.stdout)
     return {s["domain"]: s for s in json.loads(cache.read_text())["scores"]}
 
 
