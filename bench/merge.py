@@ -149,13 +149,21 @@ def _vm_hwm_kb() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _child_env() -> dict[str, str]:
+    """The measured child's environment: this checkout importable; OpenMP threads that sleep
+    instead of spinning while they wait (on a shared machine spinning slows both tools)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def run(tool: str, recipe_path: Path, out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", tool, str(recipe_path), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
+    )
     assert proc.stdout is not None
     text = proc.stdout.read()
     status = proc.wait()
@@ -191,6 +199,8 @@ def main() -> None:
         for rep in range(args.reps):
             for tool in ("unode", "mergekit") if rep % 2 == 0 else ("mergekit", "unode"):
                 res[tool].append(run(tool, path, WORK / f"out-{tool}"))
+                print(f"  {method} rep {rep} {tool}: {json.dumps(res[tool][-1])}", flush=True)
+        print(f"{method}: load average {os.getloadavg()[0]:.1f} after", flush=True)
         rows.append(
             (
                 method,
@@ -199,6 +209,7 @@ def main() -> None:
         )
         _print_row(*rows[-1])
     print("\nmedians over", args.reps, "runs; ratio = unode / mergekit (lower is better)")
+    print(f"load average at the end (1/5/15 min): {os.getloadavg()}")
     print(
         f"{'method':<16}{'wall u/m (s)':>16}{'ratio':>7}{'merge u/m (s)':>17}{'ratio':>7}{'RSS u/m (MB)':>16}{'ratio':>7}"
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from node.errors import UserError
-from node.merge.methods import check_inputs, get_method, method_names, select, sparsify
+from node.merge.methods import check_inputs, get_method, method_names, rank_range, select, sparsify
 from node.merge.methods.base import MergeInputs, tensor_generator
 from node.merge.methods.sce import population_variance
 
@@ -118,12 +118,35 @@ def test_masks_equal_a_stable_sort(kind: int) -> None:
     for start, stop in ((0, 1000), (40_000, 99_000), (50_000, 50_001)):
         expected = torch.zeros(w.numel(), dtype=torch.bool)
         expected[ascending[start:stop]] = True
-        assert torch.equal(select.rank_range_mask(w, start, stop), expected.float())
+        assert torch.equal(rank_range.rank_range_mask(w, start, stop), expected.float())
     descending = torch.sort(w, descending=True, stable=True).indices
     for k in (1, 50_000, 99_999):
         expected = torch.zeros(w.numel(), dtype=torch.bool)
         expected[descending[:k]] = True
         assert torch.equal(select.top_count_mask(w, k), expected.float())
+
+
+@pytest.mark.parametrize("kind", [3, 4], ids=["bf16", "zeros"])
+@pytest.mark.parametrize("n", [100_000, 300_007])  # one block / many (with a short last one)
+def test_in_place_magnitude_selection_equals_a_stable_sort(
+    kind: int, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocked, in-place selection (cuts found in one pass, ties located across blocks)
+    keeps exactly the elements a stable sort of |x| ranks in range, signs included, and
+    leaves no trace of the magnitudes in the input (n < 2 * SAMPLE: an unstrided sample)."""
+    monkeypatch.setattr(rank_range, "BLOCK", 1 << 12 if n > 100_000 else rank_range.BLOCK)
+    delta = _skewed(n, kind)
+    ascending = torch.sort(delta.abs(), stable=True).indices
+    for start, stop in ((n // 10, n - n // 100), (0, n // 3), (n // 2, n)):
+        expected = torch.zeros(n)
+        expected[ascending[start:stop]] = 1.0
+        got = rank_range.keep_magnitude_range(delta.clone(), start, stop)
+        assert torch.equal(got, delta * expected)
+    descending = torch.sort(delta.abs(), descending=True, stable=True).indices
+    for k in (1, n // 2, n - 1):
+        expected = torch.zeros(n)
+        expected[descending[:k]] = 1.0
+        assert torch.equal(rank_range.keep_top_magnitudes(delta.clone(), k), delta * expected)
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2])  # no ties: mergekit's choice is then unique

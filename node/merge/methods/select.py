@@ -3,7 +3,8 @@
 `kth_smallest` brackets the answer with quantiles of a strided sample, then selects inside
 the (small) bracket; it falls back to `torch.kthvalue` when the bracket misses, so the
 result is always exact. Masks take elements tied at a cut in flat-index order (the order
-a stable sort gives); `row_order` sorts every row at once on one int64 key.
+a stable sort gives); `row_argsort` sorts blocks of rows in threads. Rank ranges (two cuts)
+are in `rank_range.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def mergekit_tie_order(enabled: bool = True) -> Iterator[None]:
         _MERGEKIT_TIES.reset(token)
 
 
-def _indices_mask(n: int, indices: torch.Tensor) -> torch.Tensor:
+def mergekit_ties_enabled() -> bool:
+    """Whether elements tied at a cut are being chosen as mergekit chooses them."""
+    return _MERGEKIT_TIES.get()
+
+
+def indices_mask(n: int, indices: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(n)
     mask[indices] = 1.0
     return mask
@@ -95,39 +101,6 @@ def _select(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return w.index_select(0, mask.nonzero().squeeze(1))
 
 
-def _ties_in_range(w: torch.Tensor, cut: OrderStat, start: int, stop: int) -> torch.Tensor:
-    """Flat indices of the elements equal to `cut.value` with stable rank in [start, stop)."""
-    tied = (w == cut.value).nonzero().squeeze(1)  # in index order: ranks less, less + 1, ...
-    return tied[max(0, start - cut.less) : max(0, stop - cut.less)]
-
-
-def rank_range_mask(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Float 0/1 mask of flat `w`'s elements whose stable ascending rank is in [start, stop)."""
-    n = w.numel()
-    if stop <= start:
-        return torch.zeros(n)
-    if start <= 0 and stop >= n:
-        return torch.ones(n)
-    lo = kth_smallest(w, start + 1) if start > 0 else None  # value at rank start
-    hi = kth_smallest(w, stop) if stop < n else None  # value at rank stop - 1
-    # Common case: every element tied with a cut value is on the kept side of it.
-    lo_whole = lo is None or (lo.less >= start and (hi is None or lo.value < hi.value))
-    hi_whole = hi is None or (hi.less + hi.equal <= stop and (lo is None or lo.value < hi.value))
-    mask = torch.ones(n)
-    # Float masks written by the comparisons themselves: a bool mask costs a cast later.
-    if lo is not None:
-        (torch.ge if lo_whole else torch.gt)(w, lo.value, out=mask)
-    if hi is not None:
-        upper = (torch.le if hi_whole else torch.lt)(w, hi.value, out=torch.empty(n))
-        mask.mul_(upper)
-    if _MERGEKIT_TIES.get() and not (lo_whole and hi_whole):  # mergekit: sort, slice ranks
-        return _indices_mask(n, torch.sort(w, descending=False).indices[start:stop])
-    for cut, whole in ((lo, lo_whole), (hi, hi_whole)):
-        if cut is not None and not whole:
-            mask[_ties_in_range(w, cut, start, stop)] = 1.0
-    return mask
-
-
 def top_count_mask(w: torch.Tensor, k: int, reference: str = "argsort") -> torch.Tensor:
     """Float 0/1 mask of the k largest elements of flat `w` (ties: lowest indices first).
 
@@ -142,10 +115,10 @@ def top_count_mask(w: torch.Tensor, k: int, reference: str = "argsort") -> torch
     cut = kth_smallest(w, n - k)  # the largest value that is dropped
     mask = torch.gt(w, cut.value, out=torch.empty(n))
     kept_ties = k - (n - cut.less - cut.equal)  # elements equal to the cut that are kept
-    if kept_ties > 0 and _MERGEKIT_TIES.get():
+    if kept_ties > 0 and mergekit_ties_enabled():
         if reference == "topk":
-            return _indices_mask(n, torch.topk(w, k, largest=True).indices)
-        return _indices_mask(n, torch.argsort(w, descending=True)[:k])
+            return indices_mask(n, torch.topk(w, k, largest=True).indices)
+        return indices_mask(n, torch.argsort(w, descending=True)[:k])
     if kept_ties > 0:  # the first ones: their stable ascending ranks are the highest
         mask[(w == cut.value).nonzero().squeeze(1)[:kept_ties]] = 1.0
     return mask

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from node.merge.methods.rank_range import (
+    keep_magnitude_range,
+    keep_top_magnitudes,
+    rank_range_mask,
+)
 from node.merge.methods.reduce import stable_dot, stable_sum
-from node.merge.methods.select import rank_range_mask, row_argsort, top_count_mask
+from node.merge.methods.select import row_argsort, top_count_mask
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either l1 norm is below this
 
@@ -37,6 +42,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     n = delta.numel()
     if density <= 0 or n == 0:
         return delta.zero_()
+    if not rescale:  # |x| taken block by block, the mask applied in place
+        return keep_top_magnitudes(delta, max(1, int(density * n)))
     w = delta.view(-1).abs()
     return apply_mask(delta, w, top_count_mask(w, max(1, int(density * n))), rescale)
 
@@ -51,6 +58,8 @@ def magnitude_outliers(
     keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)  # fewer outliers dropped if density needs them
+    if not rescale:  # |x| taken block by block, the mask applied in place
+        return keep_magnitude_range(delta, n_bottom, n_bottom + keep)
     w = delta.view(-1).abs()
     return apply_mask(delta, w, rank_range_mask(w, n_bottom, n_bottom + keep), rescale)
 
