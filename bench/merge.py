@@ -162,7 +162,9 @@ def run(tool: str, recipe_path: Path, out: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", tool, str(recipe_path), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_child_env(),
     )
     assert proc.stdout is not None
     text = proc.stdout.read()

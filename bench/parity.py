@@ -3,10 +3,14 @@
 Builds a tiny Llama-shaped base and three fine-tune-like variants (fp32), merges each recipe
 with both tools in this process and prints, per method, the largest absolute difference over
 all tensors, how many elements differ by more than 1e-5, and for the random methods (DARE,
-DELLA) the kept fraction and the delta-norm ratio instead. Elements tied at a sparsification
-cut are chosen as mergekit chooses them unless --own-ties.
+DELLA) the kept fraction and the delta-norm ratio instead.
 
-    .venv/bin/python bench/parity.py [--methods ties,slerp]
+Elements tied at a sparsification cut (equal magnitudes straddling a TIES, breadcrumbs or SCE
+threshold) are chosen as mergekit chooses them (`mergekit_tie_order`) unless --own-ties,
+which takes them in flat-index order (unode's default, the order a stable sort gives). The
+last column counts the elements over 1e-5 under the other order, to show the difference.
+
+    .venv/bin/python bench/parity.py [--methods ties,slerp] [--own-ties]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import load_file
 
 from node import toymodels
 from node.merge.api import merge
+from node.merge.methods import mergekit_tie_order
 
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 
@@ -71,12 +76,20 @@ def recipes(b: Path, v: list[Path]) -> dict[str, dict[str, Any]]:
     return {k: {"merge_method": k, **r} for k, r in out.items()}
 
 
-def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str:
+def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(largest |difference| over all tensors, how many elements differ by more than 1e-5)."""
     worst, over = 0.0, 0
     for name, t in ours.items():
         d = (t.float() - theirs[name].float()).abs()
         worst, over = max(worst, d.max().item()), over + int((d > 1e-5).sum())
-    return f"max |diff| {worst:9.2e}   elements > 1e-5: {over}"
+    return worst, over
+
+
+def run_unode(recipe: dict[str, Any], out: Path, mergekit_ties: bool) -> dict[str, torch.Tensor]:
+    """unode's merge of `recipe`, tied elements chosen as mergekit does when `mergekit_ties`."""
+    with mergekit_tie_order(mergekit_ties):
+        report = merge(copy.deepcopy(recipe), out, force=True, progress=False)
+    return load_dir(Path(report.out_dir))
 
 
 def compare_random(
@@ -103,23 +116,24 @@ def main() -> None:
     variants = [toymodels.make_variant(base, root / f"ft{i}", seed=100 + i) for i in range(3)]
     table = recipes(base, variants)
     chosen = args.methods.split(",") if args.methods else list(table)
+    order, other = ("own", "mergekit") if args.own_ties else ("mergekit", "own")
+    print(f"tie order: {order}; last column: elements > 1e-5 with the {other} tie order")
     print(f"{'method':<18}{'unode s':>8}{'mergekit s':>11}   result")
     for name in chosen:
         recipe = table[name]
         t0 = time.perf_counter()
-        ours = load_dir(
-            Path(merge(copy.deepcopy(recipe), root / f"u-{name}", progress=False).out_dir)
-        )
+        ours = run_unode(recipe, root / f"u-{name}", mergekit_ties=not args.own_ties)
         t1 = time.perf_counter()
         run_merge(MergeConfiguration.model_validate(copy.deepcopy(recipe)), str(root / f"m-{name}"),
                   MergeOptions(lazy_unpickle=False, random_seed=0, quiet=True))  # fmt: skip
         t2 = time.perf_counter()
         theirs = load_dir(root / f"m-{name}")
-        res = (
-            compare_random(ours, theirs, load_dir(base))
-            if name in RANDOM
-            else compare(ours, theirs)
-        )
+        if name in RANDOM:
+            res = compare_random(ours, theirs, load_dir(base))
+        else:
+            worst, over = compare(ours, theirs)
+            alt = run_unode(recipe, root / f"a-{name}", mergekit_ties=args.own_ties)
+            res = f"max |diff| {worst:9.2e}   elements > 1e-5: {over:<4}  ({other} ties: {compare(alt, theirs)[1]})"
         print(f"{name:<18}{t1 - t0:>8.2f}{t2 - t1:>11.2f}   {res}", flush=True)
 
 
