@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -537,6 +537,22 @@ def _round_check(flag: str, value: float, lo: float, hi: float) -> float:
     return value
 
 
+RoundKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        help="Sign the round with this key file (from `unode keys init --state-dir DIR`) instead "
+        "of a fresh one; needed in allowlisted networks. Env UNODE_ROUND_KEY.",
+    ),
+]
+
+
+def _round_net(network: str | None, peers: list[str] | None, key: Path | None) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(_net_config(network, peers), key_file=key)  # type: ignore[type-var]
+
+
 @round_app.command("merge")
 def round_merge_cmd(
     recipe: Annotated[
@@ -562,6 +578,7 @@ def round_merge_cmd(
         str, typer.Option(help="Domain the merged expert is announced under.")
     ] = "general",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    key: RoundKey = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Propose a merge round: nodes running `unode join` compute it unit by unit, verify each
@@ -579,7 +596,8 @@ def round_merge_cmd(
             verify_rate=_round_check("--verify-rate", verify_rate, 0, 1),
             name=name, domain=check_domain(domain),
         )  # fmt: skip
-        out = run_merge_round(_net_config(network, initial_peers), cfg, wait, timeout, typer.echo)  # type: ignore[arg-type]
+        net = _round_net(network, initial_peers, key)
+        out = run_merge_round(net, cfg, wait, timeout, typer.echo)
     except UserError as err:
         fail(err)
     if as_json:
@@ -697,6 +715,7 @@ def round_search_cmd(
     ] = True,
     out: Annotated[Path | None, typer.Option(help="Write the best recipe (YAML) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    key: RoundKey = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Evolutionary layer-wise search (CMA-ES): peers score candidate recipes on their own
@@ -718,7 +737,7 @@ def round_search_cmd(
             scorers=int(_round_check("--scorers", scorers, 1, 1000)), score_timeout=score_timeout,
             merge=MergeRoundConfig(rec, name="searched") if merge_best else None,
         )  # fmt: skip
-        result = run_search(_net_config(network, initial_peers), cfg, typer.echo)  # type: ignore[arg-type]
+        result = run_search(_round_net(network, initial_peers, key), cfg, typer.echo)
     except UserError as err:
         fail(err)
     if out is not None:
@@ -750,6 +769,7 @@ def round_fuse_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 1800.0,
     name: Annotated[str, typer.Option(help="Name of the fused expert.")] = "fused",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    key: RoundKey = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Propose a fusion round: source hosts summarize corpus shards, the target's host fuses
@@ -764,7 +784,8 @@ def round_fuse_cmd(
                               name=name)  # fmt: skip
         cfg.train.update(max_steps=int(_round_check("--max-steps", max_steps, 1, 10**7)),
                          lr=_round_check("--lr", lr, 0, 1), lam=_round_check("--lam", lam, 0, 1))  # fmt: skip
-        out = run_fuse_round(_net_config(network, initial_peers), cfg, wait, timeout, typer.echo)  # type: ignore[arg-type]
+        net = _round_net(network, initial_peers, key)
+        out = run_fuse_round(net, cfg, wait, timeout, typer.echo)
     except UserError as err:
         fail(err)
     if as_json:

@@ -14,12 +14,10 @@ import argparse
 import importlib.util
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,8 @@ WORK = HERE / "_work"
 RUN = WORK / "rounds"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ENV = {**os.environ, "UNODE_ROUND_POLL": "0.5"}
+
+from node.network.lines import ChildLines, starts_with  # noqa: E402  (after the sys.path fix)
 
 
 def bench_merge() -> Any:
@@ -64,29 +64,14 @@ class Node:
             env=ENV,
             start_new_session=True,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.out = ChildLines(self.proc)
         self.maddr = ""
 
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
     def wait_for(self, prefix: str, timeout: float = 600) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line
-        raise RuntimeError(f"no {prefix}: " + "".join(self.seen[-20:]))
+        line = self.out.next_match(starts_with(prefix), timeout)
+        if line is None:
+            raise RuntimeError(f"no {prefix}: " + self.out.tail(20))
+        return line
 
     def stop(self) -> None:
         if self.proc.poll() is None:

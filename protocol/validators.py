@@ -139,6 +139,11 @@ class UnodeRecordValidator(RecordValidatorBase):  # type: ignore[misc]  # hivemi
     def validate(self, record: DHTRecord) -> bool:
         try:
             self.check(record)
+        except ReplayError as err:
+            # Usually a stale replica: a peer that missed the owner's latest refresh returns
+            # the previous version to a lookup. Dropped, but no sign of a bad peer: not a warning.
+            logger.debug("dropped older DHT record key=%s: %s", record.key.hex()[:16], err)
+            return False
         except ProtocolError as err:
             return _reject(record, f"{type(err).__name__}: {err}")
         return True

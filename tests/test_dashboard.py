@@ -86,8 +86,7 @@ def dashboard_command(maddr: str) -> str:
 
 def drain(node: NodeProc) -> list[str]:
     """Every line the node printed so far."""
-    while not node.lines.empty():
-        node.seen.append(node.lines.get())
+    node.out.text()
     return node.seen
 
 

@@ -16,19 +16,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from deploy_config import DEPLOY, load_compose, service_env, service_volumes, unit_config
+
+from node.network.lines import ChildLines, starts_with
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -62,23 +62,14 @@ class Host:
     veth: str  # its bridge-side link, in the hub namespace
     state: Path
     proc: subprocess.Popen[str] | None = None
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
+    out: ChildLines | None = None
 
     def wait_for(self, prefix: str, timeout: float) -> str:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line
-        raise AssertionError(f"{self.service}: no {prefix!r}; printed:\n" + "".join(self.seen))
+        assert self.out is not None
+        line = self.out.next_match(starts_with(prefix), timeout)
+        if line is None:
+            raise AssertionError(f"{self.service}: no {prefix!r}; printed:\n" + self.out.text())
+        return line
 
 
 class Cluster:
@@ -163,7 +154,7 @@ class Cluster:
         host.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
-        threading.Thread(target=_pump, args=(host,), daemon=True).start()
+        host.out = ChildLines(host.proc)
 
     def cli(self, host: Host, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         """A one-shot `unode` command inside `host`'s namespace, joining via the bootstrap."""
@@ -189,12 +180,6 @@ class Cluster:
                 h.proc.kill()
             if h.proc is not None:
                 h.proc.wait(10)
-
-
-def _pump(host: Host) -> None:
-    assert host.proc is not None and host.proc.stdout is not None
-    for line in host.proc.stdout:
-        host.lines.put(line)
 
 
 def _kill_namespace(ns: str) -> None:

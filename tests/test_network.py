@@ -12,11 +12,9 @@ import gc
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from node import toymodels
 from node.network.config import NetworkConfig
 from node.network.discovery import Provider, find_providers, list_experts, live_peers
 from node.network.fetch import FetchReport, Progress, fetch_expert
+from node.network.lines import ChildLines, starts_with
 from node.network.manifest import load_expert
 from node.network.process import descendant_pids, kill_all, pid_alive
 from node.network.session import Session
@@ -44,25 +43,20 @@ class NodeProc:
     """A `unode join` child process and every line it printed."""
 
     proc: subprocess.Popen[str]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
+    out: ChildLines
     peer_id: str = ""
     maddr: str = ""
     family: list[int] = field(default_factory=list)  # pids below it once ready
 
+    @property
+    def seen(self) -> list[str]:
+        return self.out.seen
+
     def wait_for(self, prefix: str, timeout: float = 150.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line
-        raise AssertionError(f"no {prefix!r} line; node printed:\n" + "".join(self.seen[-30:]))
+        line = self.out.next_match(starts_with(prefix), timeout)
+        if line is None:
+            raise AssertionError(f"no {prefix!r} line; node printed:\n" + self.out.tail(30))
+        return line
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
@@ -100,14 +94,7 @@ def start_node(state: Path, *args: str, env: dict[str, str] | None = None) -> No
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
-    node = NodeProc(proc)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            node.lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
+    node = NodeProc(proc, ChildLines(proc))
     return node
 
 

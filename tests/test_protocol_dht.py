@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -224,7 +225,12 @@ def test_validator_logs_and_returns_false_for_each_attack(caplog: pytest.LogCapt
         "another DHT key": dataclasses.replace(good, key=dht_key_id(signed.key + "0")),
         "older than": DHTRecord(key_id, subkey, codec.encode(older.to_bytes()), older.expiration),
     }
+    caplog.set_level(logging.DEBUG, logger="protocol.validators")
     for reason, record in bad.items():
         caplog.clear()
         assert validator.validate(record) is False
         assert reason in caplog.text, caplog.text
+        # An older version is what a stale replica looks like: dropped quietly (debug), while
+        # every forged or mis-bound record is a warning.
+        level = logging.DEBUG if reason == "older than" else logging.WARNING
+        assert [r.levelno for r in caplog.records] == [level], caplog.records

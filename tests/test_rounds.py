@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +23,7 @@ import yaml
 from safetensors import safe_open
 
 from node.merge.api import merge
+from node.network.lines import ChildLines, contains
 from node.network.manifest import load_expert
 from node.network.process import descendant_pids, kill_all
 
@@ -42,29 +40,18 @@ class Node:
 
     proc: subprocess.Popen[str]
     state: Path
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
+    out: ChildLines
     maddr: str = ""
     family: list[int] = field(default_factory=list)
 
     def wait_for(self, prefix: str, timeout: float = 90.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.seen.append(line)
-            if line.startswith(prefix) or prefix in line:
-                return line
-        raise AssertionError(f"no {prefix!r}; node printed:\n" + "".join(self.seen[-40:]))
+        line = self.out.next_match(contains(prefix), timeout)
+        if line is None:
+            raise AssertionError(f"no {prefix!r}; node printed:\n" + self.out.tail(40))
+        return line
 
     def text(self) -> str:
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return "".join(self.seen)
+        return self.out.text()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -97,14 +84,7 @@ def start(state: Path, network: str, *args: str, env: dict[str, str] | None = No
         env={**os.environ, **FAST, **(env or {})},
         start_new_session=True,
     )
-    node = Node(proc, state)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            node.lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
+    node = Node(proc, state, ChildLines(proc))
     line = node.wait_for("UNODE_READY")
     node.maddr = dict(p.split("=", 1) for p in line.split()[1:])["maddr"]
     node.family = descendant_pids(proc.pid)

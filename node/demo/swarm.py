@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from node.demo.experts import Expert, Say
 from node.errors import UserError
+from node.network.lines import ChildLines, contains
 from node.network.process import descendant_pids, kill_all
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -36,29 +36,20 @@ class DemoNode:
     name: str
     proc: subprocess.Popen[str]
     state: Path
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
+    out: ChildLines
     maddr: str = ""
 
     def text(self) -> str:
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return "".join(self.seen)
+        return self.out.text()
 
     def wait_for(self, needle: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.seen.append(line)
-            if needle in line:
-                return line
-        tail = "".join(self.seen[-15:])
-        raise RuntimeError(f"node {self.name}: no {needle!r} (exit {self.proc.poll()}):\n{tail}")
+        line = self.out.next_match(contains(needle), timeout)
+        if line is None:
+            tail = self.out.tail(15)
+            raise RuntimeError(
+                f"node {self.name}: no {needle!r} (exit {self.proc.poll()}):\n{tail}"
+            )
+        return line
 
     def round_expert(self, rid: str) -> Path | None:
         if f"UNODE_ROUND_DONE round={rid}" not in self.text():
@@ -76,6 +67,7 @@ class Swarm:
         self.nodes: list[DemoNode] = []
         self.procs: list[subprocess.Popen[str]] = []
         self.family: set[int] = set()
+        self.logs: list[TextIO] = []
 
     def _spawn(
         self, args: list[str], env: dict[str, str], out: Any = None
@@ -98,20 +90,19 @@ class Swarm:
             args += ["--initial-peers", self.nodes[0].maddr]
         for e in experts:
             args += ["--expert", str(e.path), "--domain", e.domain]
-        node = DemoNode(name, self._spawn(args, env), self.root / name)
+        log = (self.root / f"{name}.log").open("a")
+        self.logs.append(log)
+
+        def on_line(line: str) -> None:
+            if line.startswith("unode: round"):  # the node's own round progress
+                self.say(f"  {name}: {line[7:].rstrip()}")
+            if not log.closed:
+                log.write(line)
+                log.flush()
+
+        proc = self._spawn(args, env)
+        node = DemoNode(name, proc, self.root / name, ChildLines(proc, on_line))
         self.nodes.append(node)
-
-        def pump() -> None:
-            assert node.proc.stdout is not None
-            with (self.root / f"{name}.log").open("a") as log:
-                for line in node.proc.stdout:
-                    node.lines.put(line)
-                    if line.startswith("unode: round"):  # the node's own round progress
-                        self.say(f"  {name}: {line[7:].rstrip()}")
-                    log.write(line)
-                    log.flush()
-
-        threading.Thread(target=pump, daemon=True).start()
         line = node.wait_for("UNODE_READY", timeout=120)
         node.maddr = dict(p.split("=", 1) for p in line.split()[1:])["maddr"]
         self.family.update(descendant_pids(node.proc.pid))
@@ -176,6 +167,9 @@ class Swarm:
             self._stop(p)
         kill_all(self.family, signal.SIGKILL, wait=2.0)
         self.procs.clear()
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
 
 
 def check_home(home: Path) -> Path:

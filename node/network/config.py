@@ -43,6 +43,7 @@ class NetworkConfig:
     announce_maddrs: tuple[str, ...] = ()
     state_dir: Path = field(default_factory=lambda: default_state_dir())
     allowlist: frozenset[bytes] | None = None  # private network: trusted owner keys (allowlist.py)
+    key_file: Path | None = None  # round proposers: sign with this key, not a fresh one
 
 
 @dataclass(frozen=True)

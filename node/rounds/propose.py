@@ -31,6 +31,8 @@ from node.rounds import records
 from node.rounds.compute import job_bytes, prepare
 from node.rounds.inputs import RoundInputs
 from node.rounds.spec import RoundSpec, expert_id_of, expert_refs, split_units
+from protocol.errors import IdentityError
+from protocol.identity import KEY_FILE_NAME, load_identity, save_identity
 from protocol.keys import dht_key
 from protocol.records import PeerRecord, RoundProposal
 from protocol.signing import sign_record
@@ -81,8 +83,29 @@ def load_round_recipe(path: Path) -> dict[str, Any]:
     return data
 
 
+KEY_ENV = "UNODE_ROUND_KEY"
+
+
+def _copy_key(src: Path, dst: Path, tmp: Path) -> None:
+    """The proposer's own key (checked: private, well-formed) as the session's identity."""
+    try:
+        identity = load_identity(src)
+        save_identity(identity, dst)
+    except (IdentityError, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            "--key",
+            str(src),
+            "give a key file made by `unode keys init --state-dir DIR` (DIR/"
+            f"{KEY_FILE_NAME}, mode 0600)",
+            problem=str(err),
+        ) from None
+
+
 def with_identity_session(net: NetworkConfig, work: Callable[[Session, Path], Awaitable[T]]) -> T:
-    """A full DHT node under a fresh identity in a temporary state dir; always cleaned up."""
+    """A full DHT node in a temporary state dir under a fresh identity, or under the key of
+    `net.key_file` / $UNODE_ROUND_KEY (a proposer in an allowlisted network); always cleaned
+    up. Do not use a running node's own key: two processes with one peer id confuse libp2p."""
     if not net.initial_peers:
         raise UserError(
             "--initial-peers",
@@ -91,6 +114,9 @@ def with_identity_session(net: NetworkConfig, work: Callable[[Session, Path], Aw
             problem="no peer to ask",
         )
     tmp = Path(tempfile.mkdtemp(prefix="unode-round-"))
+    key_file = net.key_file or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    if key_file is not None:
+        _copy_key(key_file, tmp / KEY_FILE_NAME, tmp)
     session = Session(
         dataclasses.replace(net, state_dir=tmp),
         persistent=True,

@@ -122,6 +122,36 @@ def candidate(recipe: dict[str, Any], space: Space, x: list[float]) -> dict[str,
     return out
 
 
+Scored = dict[tuple[bytes, str], float]  # (scorer, domain) -> bits per byte
+
+
+def comparable_means(scored: list[Scored], scorers: int, final: bool = False) -> list[float] | None:
+    """Mean score per candidate over the same (scorer, domain) pairs for every candidate, so
+    that no candidate is judged on easier held-out data than another; None while fewer than
+    `scorers` peers have scored every candidate. With `final` (the deadline has passed) the
+    pairs are those of the peer that scored the most candidates, and a candidate missing any of
+    them gets inf."""
+    common = set.intersection(*(set(s) for s in scored)) if scored else set()
+    if len({owner for owner, _ in common}) >= scorers and common:
+        return [sum(s[k] for k in common) / len(common) for s in scored]
+    if not final:
+        return None
+    # Past the deadline: judge on the pairs of the peer that scored the most candidates.
+    counts: dict[bytes, int] = {}
+    for s in scored:
+        for owner in {o for o, _ in s}:
+            counts[owner] = counts.get(owner, 0) + 1
+    if not counts:
+        return [math.inf] * len(scored)
+    best = max(counts, key=lambda o: (counts[o], o))
+    have = [{k for k in s if k[0] == best} for s in scored]
+    pairs = set.intersection(*(h for h in have if h))
+    return [
+        sum(s[k] for k in pairs) / len(pairs) if pairs and pairs <= set(s) else math.inf
+        for s in scored
+    ]
+
+
 async def collect(
     session: Session,
     network: str,
@@ -130,18 +160,17 @@ async def collect(
     scorers: int,
     timeout: float,
 ) -> list[float]:
-    """Mean score per candidate once `scorers` peers scored each (inf for none in time)."""
+    """Comparable mean score per candidate once `scorers` peers scored each (see
+    `comparable_means`; inf for a candidate not scored in time)."""
     deadline = time.monotonic() + timeout
     while True:
         got = await asyncio.gather(
             *(records.scores(session.dht, network, rid, candidate_id(c)) for c in cands)
         )
-        means = []
-        for found in got:
-            owners = {v.envelope.owner for v in found}
-            vals = [v.record.value for v in found]
-            means.append(sum(vals) / len(vals) if len(owners) >= scorers else math.inf)
-        if all(math.isfinite(m) for m in means) or time.monotonic() > deadline:
+        scored = [{(v.envelope.owner, v.record.domain): v.record.value for v in f} for f in got]
+        late = time.monotonic() > deadline
+        means = comparable_means(scored, scorers, final=late)
+        if means is not None:
             return means
         await asyncio.sleep(1.0)
 

@@ -1,0 +1,107 @@
+"""Round proposers without a full swarm: search candidates are compared on the same held-out
+data, and a proposer signs with its own key where the network is allowlisted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import pytest
+
+from node.errors import UserError
+from node.network.config import network_config
+from node.rounds.propose import with_identity_session
+from node.rounds.search import comparable_means
+from protocol.identity import Identity, save_identity
+
+UNODE = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "unode")
+
+X, Y, Z = b"x" * 32, b"y" * 32, b"z" * 32
+
+
+def test_waits_until_every_candidate_has_the_same_scorer() -> None:
+    # A was scored only by X (prose), B only by Y (python): not comparable yet.
+    a = {(X, "prose"): 2.5}
+    b = {(Y, "python"): 1.1}
+    assert comparable_means([a, b], scorers=1) is None
+    # Once X has scored B too, both are judged on X's prose, not on Y's easier python.
+    b[(X, "prose")] = 2.4
+    assert comparable_means([a, b], scorers=1) == [2.5, 2.4]
+
+
+def test_uses_every_common_pair_and_counts_distinct_scorers() -> None:
+    a = {(X, "prose"): 2.0, (X, "logic"): 0.4, (Y, "python"): 1.0}
+    b = {(X, "prose"): 3.0, (X, "logic"): 0.6, (Y, "python"): 2.0, (Z, "arithmetic"): 9.0}
+    means = comparable_means([a, b], scorers=2)
+    assert means is not None
+    assert math.isclose(means[0], (2.0 + 0.4 + 1.0) / 3)
+    assert math.isclose(means[1], (3.0 + 0.6 + 2.0) / 3)  # Z scored only b: left out
+    assert comparable_means([a, b], scorers=3) is None  # only X and Y scored both
+
+
+def test_deadline_judges_on_the_busiest_scorer_and_fails_the_rest() -> None:
+    a = {(X, "prose"): 2.0}
+    b = {(X, "prose"): 1.5}
+    c = {(Y, "python"): 0.1}  # never scored by X: cannot be compared with a and b
+    d: dict[tuple[bytes, str], float] = {}
+    assert comparable_means([a, b, c, d], scorers=1) is None
+    means = comparable_means([a, b, c, d], scorers=1, final=True)
+    assert means == [2.0, 1.5, math.inf, math.inf]
+    assert comparable_means([d, d], scorers=1, final=True) == [math.inf, math.inf]
+
+
+# --- the proposer's key (allowlisted networks) ---------------------------------------------
+
+ALICE = Identity.from_seed(b"A" * 32)
+BOB = Identity.from_seed(b"B" * 32)
+
+
+def _private_net(tmp: Path, members: list[Identity], key: Path | None, peers: list[str]) -> Any:
+    allow = tmp / "allowlist"
+    allow.write_text("".join(f"{m.peer_id}\n" for m in members))
+    net = network_config("private", peers, state_dir=tmp / "unused", allowlist=allow)
+    return dataclasses.replace(net, key_file=key)
+
+
+def test_proposer_signs_with_its_key_on_a_private_network(tmp_path: Path) -> None:
+    save_identity(ALICE, tmp_path / "alice.key")
+    bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        peers = [str(a) for a in bootstrap.get_visible_maddrs()]
+        net = _private_net(tmp_path, [ALICE, BOB], tmp_path / "alice.key", peers)
+
+        async def who(session: Any, tmp: Path) -> str:
+            return str(session.peer_id)
+
+        assert with_identity_session(net, who) == ALICE.peer_id
+        # Without the key the proposer is a stranger: refused before it announces anything.
+        with pytest.raises(UserError) as err:
+            with_identity_session(dataclasses.replace(net, key_file=None), who)
+        assert err.value.field == "--allowlist" and err.value.value != ALICE.peer_id
+    finally:
+        bootstrap.shutdown()
+
+
+def test_bad_proposer_key_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "key"
+    bad.write_bytes(b"not a key")
+    bad.chmod(0o600)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: unode://{'ab' * 32}\n")
+    done = subprocess.run(
+        [UNODE, "round", "merge", str(recipe), "--key", str(bad)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "UNODE_INITIAL_PEERS": f"/ip4/127.0.0.1/tcp/1/p2p/{ALICE.peer_id}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--key" in lines[0] and str(bad) in lines[0], lines
