@@ -17,6 +17,13 @@ from node.errors import UserError
 app = typer.Typer(
     name="unode",
     help="A peer-to-peer network for merging and fusing large language models.",
+    epilog=(
+        "Start here: `unode demo` (3 local nodes, the built-in experts, a merge, a search and "
+        "a fusion round). On your own: `unode merge recipe.yml out/` merges local models from "
+        "a mergekit recipe; `unode join --expert DIR --domain D` puts a model on the network; "
+        "`unode experts` lists what peers host; `unode round merge|search|fuse` works with "
+        "them; `unode dashboard` watches it all. Every command has --help; most have --json."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -526,7 +533,8 @@ def experts_cmd(
 # --- rounds (node/rounds) --------------------------------------------------------------
 
 round_app = typer.Typer(
-    help="Cooperative rounds: sharded merges, layer-wise search.", no_args_is_help=True
+    help="Cooperative rounds: sharded merges, layer-wise CMA-ES search, knowledge fusion.",
+    no_args_is_help=True,
 )
 app.add_typer(round_app, name="round")
 
