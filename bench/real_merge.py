@@ -1,5 +1,6 @@
 """Homogeneous merging on a real model: SmolLM2-135M-Instruct domain experts made by short full
-fine-tuning, merged with several methods and a small layer-wise grid, scored per domain.
+fine-tuning, merged with several methods, a small layer-wise grid (`--grid`) and a CMA-ES
+layer-wise search (`--search`, `node.zoo.search.cma_search`), scored per domain.
 
 Needs `make real` and an imported SmolLM2 (`unode import pkg:smollm2 DIR`). Long on 2 cores:
 run it in the background. Steps whose output exists are skipped (re-run to resume).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,8 +24,8 @@ import torch
 import yaml
 
 from node.merge.api import merge
-from node.zoo.scores import score_dir
-from node.zoo.search import layer_recipe
+from node.zoo.scores import Score, score_dir, score_model
+from node.zoo.search import cma_search, layer_recipe, retention
 from node.zoo.train import TrainConfig, train
 
 DOMAINS = ("arithmetic", "logic", "python", "prose")
@@ -117,6 +119,106 @@ def layerwise_grid(
     return {"grid": results, "best": min(results, key=results.__getitem__)}
 
 
+class LayerwiseTA:
+    """Layer-wise task arithmetic of the experts over the base, written into one loaded model in
+    place: what `layer_recipe` + `node.merge.api.merge` compute, without writing 538 MB per
+    candidate (`max_diff` checks it against a merge on disk)."""
+
+    def __init__(self, base: Path, experts: list[Path], n_layers: int) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(base)
+        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+        self.params = dict(self.model.named_parameters())  # tied lm_head appears once
+        self.base = {k: p.detach().clone() for k, p in self.params.items()}
+        files = [load_file(str(e / "model.safetensors")) for e in experts]
+        self.deltas = [{k: f[k] - self.base[k] for k in self.params} for f in files]
+        self.n_layers = n_layers
+
+    def group(self, name: str, n_groups: int) -> int:
+        """`layer_recipe`'s group of a tensor: its layer's run, else the last (the default)."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return min(int(m[1]) * n_groups // self.n_layers, n_groups - 1) if m else n_groups - 1
+
+    @torch.no_grad()
+    def apply(self, weights: np.ndarray) -> None:
+        for name, p in self.params.items():
+            g = self.group(name, weights.shape[1])
+            p.copy_(self.base[name])
+            for delta, row in zip(self.deltas, weights, strict=True):
+                p.add_(delta[name], alpha=float(row[g]))
+
+    @torch.no_grad()
+    def max_diff(self, weights: np.ndarray, merged: Path) -> float:
+        from safetensors import safe_open
+
+        self.apply(weights)
+        with safe_open(str(merged / "model.safetensors"), "pt") as f:
+            return max(float((f.get_tensor(k) - p).abs().max()) for k, p in self.params.items())
+
+    def search_scores(self, weights: np.ndarray, n: int) -> dict[str, Score]:
+        """Per-domain scores on the `search` half."""
+        self.apply(weights)
+        return score_model(self.model, self.tok, DOMAINS, n, "search", em=False)
+
+
+def cma_layerwise(base: Path, experts: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """CMA-ES (`node.zoo.search.cma_search`) over per-(expert, layer group) task-arithmetic
+    weights, minimising a search-half loss (`--objective`: mean bits per byte, or minus the mean
+    retention of the best expert's bits per byte per domain), from the best uniform weight."""
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    ta = LayerwiseTA(base, experts, 30)  # SmolLM2-135M has 30 layers
+    check = ta.max_diff(np.array([[1.0, 0.5], [0.5, 1.0]]), args.work / "layers_1.0_0.5")
+    log(f"in-memory merge vs node.merge.api on disk (layers_1.0_0.5): max |diff| {check:.2e}")
+    shape = (len(experts), args.groups)
+    ref: dict[str, Score] = {}
+    if args.objective == "retention":  # the zoo's objective; experts are one-hot weights
+        for s in (ta.search_scores(np.eye(len(experts))[i][:, None] * np.ones(shape), args.n)
+                  for i in range(len(experts))):  # fmt: skip
+            ref = {d: min(v, ref.get(d, v), key=lambda x: x.bits_per_byte) for d, v in s.items()}
+    evals: list[tuple[list[list[float]], float, float, float]] = []
+
+    def loss(w: np.ndarray) -> float:
+        t = time.perf_counter()
+        s = ta.search_scores(w, args.n)
+        bpb = float(np.mean([v.bits_per_byte for v in s.values()]))
+        ret = float(np.mean(list(retention(s, ref).values()))) if ref else float("nan")
+        evals.append((np.round(w, 4).tolist(), bpb, ret, time.perf_counter() - t))
+        log(f"eval {len(evals)}: {np.round(w, 3).tolist()} -> bpb {bpb:.4f} retention {ret:.4f}")
+        return -ret if ref else bpb
+
+    uniform = {lam: loss(np.full(shape, lam)) for lam in args.uniform}
+    lam = min(uniform, key=uniform.__getitem__)
+    res = cma_search(lambda w: -loss(w), np.full(shape, lam), args.sigma, args.generations,
+                     args.popsize, seed=0, bounds=tuple(args.bounds), log=log)  # fmt: skip
+    return {"objective": args.objective, "check_max_diff": check, "uniform_search": uniform,
+            "best_uniform": lam, "searched": np.round(res.best, 4).tolist(),
+            "searched_search": -res.best_value, "history": [-h for h in res.history],
+            "evaluations": evals, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def run_search(base: Path, experts: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """The search, then its best point merged on disk by `node.merge.api` and scored on `test`."""
+    path = args.work / f"search{args.tag}.json"
+    found = json.loads(path.read_text()) if path.exists() else cma_layerwise(base, experts, args)
+    path.write_text(json.dumps(found, indent=2))
+    out = args.work / f"searched{args.tag}"
+    w = np.array(found["searched"])
+    found["merge_seconds"] = run_merge(layer_recipe(base, experts, w, 30), out) or found.get(
+        "merge_seconds", 0.0
+    )
+    path.write_text(json.dumps(found, indent=2))
+    rows = {f"layer-wise CMA-ES{args.tag}": out}
+    lam = float(found["best_uniform"])
+    if lam != 1.0:  # λ = 1 is the task_arithmetic row already
+        uni = args.work / f"uniform_{lam:g}"
+        run_merge(layer_recipe(base, experts, np.full(w.shape, lam), 30), uni)
+        rows[f"uniform λ = {lam:g}"] = uni
+    return rows
+
+
 def table(rows: dict[str, dict[str, Any]]) -> None:
     head = " ".join(f"{d:>12}" for d in DOMAINS)
     print(f"{'model':<22} {head} {'mean bpb':>9}  answer acc (arith, logic)")
@@ -131,12 +233,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", type=Path, default=Path("bench/_work/real/smollm2"))
     ap.add_argument("--work", type=Path, default=Path("bench/_work/real/merge"))
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--tokens-per-batch", type=int, default=384)
-    ap.add_argument("--n", type=int, default=32, help="held-out tasks per domain (texts: n/4)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--tokens-per-batch", type=int, default=256)
+    ap.add_argument("--n", type=int, default=24, help="held-out tasks per domain (texts: n/4)")
     ap.add_argument("--grid", action="store_true", help="also run the layer-wise grid")
     ap.add_argument("--jobs", type=int, default=5, help="steps run side by side")
+    ap.add_argument("--search", action="store_true", help="also run the CMA-ES layer-wise search")
+    ap.add_argument("--groups", type=int, default=4, help="layer groups of the search")
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--popsize", type=int, default=6)
+    ap.add_argument("--sigma", type=float, default=0.25)
+    ap.add_argument("--uniform", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the search")
+    ap.add_argument("--bounds", type=float, nargs=2, default=[0.0, 1.5], help="weight range")
+    ap.add_argument("--tag", default="", help="suffix of the search's output names")
+    ap.add_argument("--objective", choices=["bpb", "retention"], default="bpb")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -157,6 +269,8 @@ def main() -> None:
         grid = layerwise_grid(args.base, experts, args.work, args.n, pool)
         models[f"layer-wise best ({grid['best']})"] = args.work / grid["best"]
         (args.work / "grid.json").write_text(json.dumps(grid, indent=2))
+    if args.search:
+        models.update(run_search(args.base, experts, args))
     t0 = time.perf_counter()
     futs = {k: pool.submit(scores_of, p, args.n, p / "scores_test.json") for k, p in models.items()}
     rows = {k: f.result() for k, f in futs.items()}
