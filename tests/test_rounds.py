@@ -427,3 +427,37 @@ def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:
     base = AutoModelForCausalLM.from_pretrained(swarm.dirs[0], dtype=torch.float32)
     trained = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(trained, base.state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm) -> None:
+    """A second host of a source serves NaN summaries (hashes and signatures all valid): the
+    honest host of that source and the target's host refuse them on content, the honest host
+    summarizes those shards again, and the round still trains on good data only."""
+    import torch
+    from safetensors.torch import load_file
+
+    from node.fusion.corpus import write_toy_corpus
+
+    liar = start(swarm.tmp / "liar-fuse", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
+                 "--expert", str(swarm.dirs[2]), "--domain", "general",
+                 env={"UNODE_TEST_BAD_SUMMARIES": "1", "UNODE_ROUND_POLL": "0.1"})  # fmt: skip
+    swarm.nodes.append(liar)
+    corpus = write_toy_corpus(swarm.tmp / "corpus-liar.jsonl", n=12, max_chars=120, seed=11)
+    args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2]]
+    args += ["--corpus", str(corpus), "--shards", "3", "--max-steps", "2", "--wait", "--json"]
+    args += ["--network", swarm.network, "--initial-peers", swarm.nodes[0].maddr]
+    res = subprocess.run([UNODE, *args, "--timeout", "180"], capture_output=True, text=True,
+                         timeout=240, env={**os.environ, **FAST})  # fmt: skip
+    texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], swarm.nodes[2], liar))
+    assert res.returncode == 0, res.stderr[-2000:] + texts
+    rid = json.loads(res.stdout[res.stdout.index("{\n") :])["round_id"]
+    lied = liar.text().count(f"round {rid[:12]}: summarized shard")
+    assert lied >= 1, liar.text()[-2000:]
+    honest, target = swarm.nodes[2].text(), swarm.nodes[0].text()
+    assert f"round {rid[:12]}: rejected unit" in honest + target
+    # the honest host did every shard: its own and the ones it refused from the liar
+    assert honest.count(f"round {rid[:12]}: summarized shard") == 3
+    fused = round_expert(swarm.nodes[0], rid)
+    weights = load_file(str(next(fused.glob("*.safetensors"))))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    liar.stop()

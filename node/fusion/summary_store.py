@@ -109,11 +109,23 @@ class SummaryReader:
             if verify and (not f.is_file() or file_sha256(f) != shard["sha256"]):
                 raise UserError("--summaries", str(f), "re-run `unode summarize`", "bad shard hash")
             arrays = load_file(str(f))
+            if verify:
+                self._check(f, arrays)
             for pos, seq in enumerate(arrays["seq_index"].tolist()):
                 self._rows[seq] = (arrays, pos)
                 self._shard[seq] = shard["file"]
         if len(self._rows) != self.manifest["n_seqs"]:
             raise UserError("--summaries", str(path), "re-run `unode summarize`", "incomplete")
+
+    def _check(self, f: Path, arrays: dict[str, np.ndarray]) -> None:
+        from node.fusion.summary_check import SummaryContentError, check_shard
+
+        try:
+            check_shard(arrays, int(self.manifest["vocab_size"]), int(self.manifest["n_seqs"]))
+        except (SummaryContentError, KeyError, TypeError, ValueError) as err:
+            raise UserError(
+                "--summaries", str(f), "re-run `unode summarize`", f"bad content: {err}"
+            ) from None
 
     @property
     def has_offsets(self) -> bool:

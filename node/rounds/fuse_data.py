@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.numpy import load_file, save_file
 
 from node.errors import UserError
+from node.fusion.summary_check import SummaryContentError, check_shard
 from node.fusion.summary_store import FORMAT, file_sha256, write_json_atomic
 
 TOK_PREFIX = "tok."
@@ -46,6 +47,33 @@ def pack(summary_dir: Path, out: Path) -> None:
     tmp.replace(out)
 
 
+def poison(d: Path) -> None:
+    """Test fault injector: a NaN in the first shard of packed summaries `d` (hash updated)."""
+    mf = json.loads((d / "manifest.json").read_text())
+    f = d / mf["shards"][0]["file"]
+    arrays = load_file(str(f))
+    arrays["topk_logp"].flat[0] = float("nan")
+    save_file(arrays, str(f), metadata={"format": FORMAT})
+    mf["shards"][0]["sha256"] = file_sha256(f)
+    write_json_atomic(d / "manifest.json", mf)
+
+
+def check_packed(d: Path) -> None:
+    """Raise SummaryContentError unless every shard of packed summaries `d` (a peer's unit
+    result) passes the content checks of node/fusion/summary_check."""
+    try:
+        mf = json.loads((d / "manifest.json").read_text())
+        if mf.get("format") != FORMAT:
+            raise SummaryContentError(f"not {FORMAT} summaries")
+        for entry in mf["shards"]:
+            arrays = load_file(str(d / Path(entry["file"]).name))
+            check_shard(arrays, int(mf["vocab_size"]), int(mf["n_seqs"]))
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        if isinstance(err, SummaryContentError):
+            raise
+        raise SummaryContentError(f"{type(err).__name__}: {err}") from None
+
+
 def combine(packed: list[Path], out: Path, corpus_sha256: str) -> None:
     """One summaries directory over the whole corpus from per-shard packed directories, in order."""
     tmp = out.with_name(out.name + ".tmp")
@@ -58,6 +86,7 @@ def combine(packed: list[Path], out: Path, corpus_sha256: str) -> None:
             raise ValueError(f"{d}: not {FORMAT} summaries")
         for j, entry in enumerate(mf["shards"]):
             arrays = load_file(str(d / entry["file"]))
+            check_shard(arrays, int(mf["vocab_size"]), int(mf["n_seqs"]))  # untrusted peer data
             arrays["seq_index"] = arrays["seq_index"] + arrays["seq_index"].dtype.type(offset)
             name = f"shard-{k:05d}-{j:05d}.safetensors"
             save_file(arrays, str(tmp / name), metadata={"format": FORMAT})

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from node.fusion.summary_check import SummaryContentError
 from node.metrics import registry as metrics
 from node.network.fetch import fetch_expert
 from node.network.hosting import Hosting
@@ -24,6 +28,8 @@ from node.rounds.spec import RoundSpec
 from protocol.records import RoundProposal
 
 MAX_SHARD_BYTES = 64 << 20
+BAD_SUMMARIES_ENV = "UNODE_TEST_BAD_SUMMARIES"  # fault injector for tests: serve NaN summaries
+log = logging.getLogger(__name__)
 
 
 class FuseRun:
@@ -35,6 +41,8 @@ class FuseRun:
         self.plan: dict[str, Any] = spec.recipe
         self.mine: dict[int, bytes] = {}
         self.done = False
+        self.bad: set[bytes] = set()  # owners whose summaries failed the content checks
+        self.checked: set[bytes] = set()  # unit results (digests) that passed them
         self.local = {e.expert_id.hex(): e.model_dir for e, _ in node.hosting.experts}
         root.mkdir(parents=True, exist_ok=True)
         (root / "spec").write_bytes(spec.to_bytes())
@@ -62,10 +70,14 @@ class FuseRun:
             if self.me not in views[u].results:
                 await self._publish(u, 0)
         results = {u: self._result(u, v) for u, v in views.items()}
+        for u, r in list(results.items()):  # check others' summaries of sources we host
+            ours = u in self.mine or self._unit(u)[0] not in self.local
+            if r and not ours and r[0] not in self.checked and not await self._checked_unit(u, *r):
+                results[u] = self._result(u, views[u])  # without the rejected owners
         todo = [u for u in range(n) if results[u] is None and self._unit(u)[0] in self.local]
         random.Random(self.me).shuffle(todo)
         for u in todo:
-            holder = views[u].holder(set())
+            holder = views[u].holder(self.bad)
             if holder in (None, self.me):
                 if holder is None:
                     await records.claim(
@@ -84,10 +96,11 @@ class FuseRun:
     def _result(self, u: int, view: records.UnitView) -> tuple[bytes, list[bytes]] | None:
         if u in self.mine:
             return self.mine[u], [self.me]
-        if not view.results:
+        honest = {o: d for o, d in view.results.items() if o not in self.bad}
+        if not honest:
             return None
-        _, digest = min(view.results.items())  # summaries are not re-verified (see docs)
-        return digest, [o for o, d in view.results.items() if d == digest]
+        _, digest = min(honest.items())  # content-checked before use, not recomputed (docs)
+        return digest, [o for o, d in honest.items() if d == digest]
 
     async def _shard(self, k: int) -> Path:
         path = self.root / "shards" / f"{k:05d}.jsonl"
@@ -122,6 +135,8 @@ class FuseRun:
         settings = SummarySettings(top_k=int(opts["top_k"]), max_len=int(opts["max_len"]))
         await asyncio.to_thread(summarize, self.local[source], shard, raw, settings, False)
         fuse_data.pack(raw, self.root / "units" / str(u))
+        if os.environ.get(BAD_SUMMARIES_ENV, "") == "1":
+            fuse_data.poison(self.root / "units" / str(u))
         self.mine[u] = self._serve(self.root / "units" / str(u))
         await self._publish(u, int((time.monotonic() - start) * 1000))
         metrics.UNITS_DONE.labels("fusion").inc()
@@ -133,6 +148,27 @@ class FuseRun:
         await records.result(
             self.node.dht, self.node.identity, self.node.network, self.rid, u, self.mine[u], ms
         )
+
+    async def _checked_unit(self, u: int, digest: bytes, owners: list[bytes]) -> Path | None:
+        """The unit's summaries, fetched and content-checked; None (owners rejected for this
+        round, their copy deleted) if they cannot be what `unode summarize` writes."""
+        d = await self._fetch_unit(u, digest, owners)
+        if digest in self.checked:
+            return d
+        try:
+            await asyncio.to_thread(fuse_data.check_packed, d)
+        except SummaryContentError as err:
+            if self.mine.get(u) == digest:
+                raise  # our own summaries: a bug here, not a bad peer
+            self.bad.update(owners)
+            shutil.rmtree(d, ignore_errors=True)
+            who = ", ".join(records.peer_of(o)[:16] for o in owners)
+            log.warning("round %s: rejected summaries of unit %d from %s: %s", self.rid.hex()[:12],
+                        u, ", ".join(map(records.peer_of, owners)), err)  # fmt: skip
+            self.node.say(f"unode: round {self.rid.hex()[:12]}: rejected unit {u} from {who}")
+            return None
+        self.checked.add(digest)
+        return d
 
     async def _fetch_unit(self, u: int, digest: bytes, owners: list[bytes]) -> Path:
         if self.mine.get(u) == digest:
@@ -158,9 +194,11 @@ class FuseRun:
         summaries = []
         for source in self.plan["sources"]:
             units = sorted((k, u) for u in results for s, k in [self._unit(u)] if s == source)
-            packed = [await self._fetch_unit(u, *results[u]) for _, u in units]
+            packed = [await self._checked_unit(u, *results[u]) for _, u in units]
+            if any(p is None for p in packed):
+                return  # a rejected unit is summarized again; train once every unit is good
             combined = self.root / "summaries" / source
-            await asyncio.to_thread(fuse_data.combine, packed, combined, sha)
+            await asyncio.to_thread(fuse_data.combine, [p for p in packed if p], combined, sha)
             summaries.append(combined)
         t = self.plan["train"]
         out = self.root / "expert" / self.spec.name
