@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -29,8 +30,44 @@ logger = logging.getLogger(__name__)
 _REGULAR_VALUE = codec.encode(None)  # hivemind's subkey tag for a plain (non-dictionary) value
 
 
+class _LogBudget:
+    """At most `burst` warnings per `period` seconds: a peer flooding bad records must not
+    flood the operator's log. What is held back is counted and said with the next warning."""
+
+    def __init__(
+        self, burst: int = 20, period: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst, self.period, self.clock = burst, period, clock
+        self.window_start, self.used, self.held = -float("inf"), 0, 0
+
+    def take(self) -> int | None:
+        """None: stay quiet; otherwise the number of warnings held back since the last one."""
+        now = self.clock()
+        if now - self.window_start >= self.period:
+            self.window_start, self.used = now, 0
+        if self.used >= self.burst:
+            self.held += 1
+            return None
+        self.used += 1
+        held, self.held = self.held, 0
+        return held
+
+
+_REJECT_LOG = _LogBudget()
+
+
+def log_rejection(log: logging.Logger, msg: str, *args: object) -> None:
+    """A warning about a rejected peer record, within the shared rate limit."""
+    held = _REJECT_LOG.take()
+    if held is None:
+        return
+    if held:
+        msg, args = msg + " (%d more rejections not logged)", (*args, held)
+    log.warning(msg, *args)
+
+
 def _reject(record: DHTRecord, reason: object) -> bool:
-    logger.warning("rejected DHT record key=%s: %s", record.key.hex()[:16], reason)
+    log_rejection(logger, "rejected DHT record key=%s: %s", record.key.hex()[:16], reason)
     return False
 
 

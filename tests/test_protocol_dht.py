@@ -209,9 +209,15 @@ def test_wrong_protocol_version_or_network_is_refused(swarm: Swarm) -> None:
         assert held_by_honest(swarm, name) == [None, None, None]
 
 
-def test_validator_logs_and_returns_false_for_each_attack(caplog: pytest.LogCaptureFixture) -> None:
+def test_validator_logs_and_returns_false_for_each_attack(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same checks called directly (as hivemind does), with the reason logged."""
     from hivemind.dht.validation import DHTRecord
+
+    from protocol import validators
+
+    monkeypatch.setattr(validators, "_REJECT_LOG", validators._LogBudget())  # earlier tests' use
 
     validator = UnodeRecordValidator(NET)
     signed = card_record("direct")
@@ -234,3 +240,26 @@ def test_validator_logs_and_returns_false_for_each_attack(caplog: pytest.LogCapt
         # every forged or mis-bound record is a warning.
         level = logging.DEBUG if reason == "older than" else logging.WARNING
         assert [r.levelno for r in caplog.records] == [level], caplog.records
+
+
+def test_rejection_warnings_are_rate_limited(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of bad records gives at most `burst` warnings a period, then one that counts
+    what was held back; every record is still rejected."""
+    from hivemind.dht.validation import DHTRecord
+
+    from protocol import validators
+
+    clock = [1000.0]
+    budget = validators._LogBudget(burst=3, period=60.0, clock=lambda: clock[0])
+    monkeypatch.setattr(validators, "_REJECT_LOG", budget)
+    validator = UnodeRecordValidator(NET)
+    junk = DHTRecord(b"k" * 20, codec.encode(None), b"garbage", time.time() + 60)
+    caplog.set_level(logging.WARNING, logger="protocol.validators")
+    assert not any(validator.validate(junk) for _ in range(50))
+    assert len(caplog.records) == 3
+    clock[0] += 61
+    caplog.clear()
+    assert validator.validate(junk) is False
+    assert len(caplog.records) == 1 and "(47 more rejections not logged)" in caplog.text

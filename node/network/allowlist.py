@@ -17,6 +17,7 @@ from protocol import codec
 from protocol.errors import ProtocolError, SchemaError
 from protocol.identity import peer_id_from_public_key, public_key_from_peer_id
 from protocol.keys import parse_subkey
+from protocol.validators import log_rejection
 
 log = logging.getLogger(__name__)
 ENV_ALLOWLIST = "UNODE_ALLOWLIST"
@@ -83,10 +84,11 @@ class AllowlistValidator(RecordValidatorBase):  # type: ignore[misc]  # hivemind
         try:
             owner, _item = parse_subkey(codec.decode(record.subkey, max_bytes=512))
         except (ProtocolError, ValueError, TypeError) as err:
-            log.warning("allowlist: rejected a record without an owner subkey: %s", err)
+            log_rejection(log, "allowlist: rejected a record without an owner subkey: %s", err)
             return False
         if owner not in self.owners:
-            log.warning(
+            log_rejection(
+                log,
                 "allowlist: rejected a record of %s (not on the allowlist)",
                 peer_id_from_public_key(owner),
             )
