@@ -48,6 +48,14 @@ def test_round_summary_counts_progress_workers_failures_and_eta() -> None:
     assert r["eta_s"] == 2.0
     assert r["status"] == "running" and r["result_expert"] is None
     assert r["round_id"] == proposal().round_id.hex() and r["mode"] == "merge"
+    peer = [peer_id_from_public_key(o) for o in OWNERS]
+    conflict = sorted(r["unit_workers"][1], key=lambda w: w["peer"])
+    assert conflict == sorted(
+        [{"peer": peer[0], "result": H1.hex()[:12], "ms": 2000},
+         {"peer": peer[2], "result": H2.hex()[:12], "ms": 2000}], key=lambda w: w["peer"],
+    )  # fmt: skip
+    assert r["unit_workers"][2] == [{"peer": peer[1], "result": None, "ms": None}]
+    assert r["unit_workers"][3] == []
 
 
 def test_round_status_finished_assembling_expired() -> None:
@@ -129,6 +137,8 @@ def test_overview_and_details_render_the_snapshot() -> None:
     page = text_of(round_detail(snap, rid, ViewState(detail=("round", rid))))
     assert rid in page and "12D3KooWproposer" in page and "1/2 units" in page
     assert "█ done" in page and "· open" in page
+    worker = peer_id_from_public_key(OWNERS[0])
+    assert f"…{worker[-8:]} {H1.hex()[:8]} 500" in page  # who computed unit 0, its hash, ms
     gone = text_of(round_detail(snap, "9" * 64, ViewState()))
     assert "no longer in the DHT" in gone
 

@@ -66,6 +66,14 @@ def _lineage(lineage: str | None, made_by: dict[str, Any] | None) -> str:
     return f"{made_by['mode'] or made_by['kind']} round {lineage} ({made_by['method']} of {inputs})"
 
 
+def _worker(w: dict[str, Any]) -> str:
+    """`…last8 hash ms`, or `…last8 claimed` (peer ids share their first characters)."""
+    tail = f"…{w['peer'][-8:]}"
+    if w["result"] is None:
+        return f"{tail} claimed"
+    return f"{tail} {w['result'][:8]}" + (f" {w['ms']}" if w["ms"] is not None else "")
+
+
 def round_detail(snap: dict[str, Any], round_id: str, state: ViewState) -> RenderableType:
     r = next((x for x in snap["rounds"] if x["round_id"] == round_id), None)
     if r is None:
@@ -86,8 +94,10 @@ def round_detail(snap: dict[str, Any], round_id: str, state: ViewState) -> Rende
     units = Table(title="Units", title_justify="left")
     units.add_column("unit")
     units.add_column("state")
-    for i, s in enumerate(r["unit_states"][:64]):
-        units.add_row(str(i), f"{UNIT_GLYPH[s]} {s}")
+    units.add_column("workers (result, ms)")
+    who = r.get("unit_workers") or [[] for _ in r["unit_states"]]
+    for i, (s, ws) in enumerate(list(zip(r["unit_states"], who, strict=False))[:64]):
+        units.add_row(str(i), f"{UNIT_GLYPH[s]} {s}", ", ".join(map(_worker, ws)) or "-")
     parts: list[RenderableType] = [
         Text("Round", style="bold"),
         _kv("Proposal (signed)", rows),

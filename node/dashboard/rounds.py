@@ -49,6 +49,7 @@ def round_summary(
         "deadline_ms": proposal.deadline_ms,
         "units": counts,
         "unit_states": states,
+        "unit_workers": [unit_workers(views[u]) for u in sorted(views)],
         "progress": counts["done"] / n,
         "workers": workers,
         "failures": counts["conflict"],
@@ -57,6 +58,20 @@ def round_summary(
         "result_expert": result_expert,
         "status": _status(counts, n, result_expert, proposal.deadline_ms, now_ms),
     }
+
+
+def unit_workers(view: UnitView) -> list[dict[str, Any]]:
+    """Who worked on one unit: each peer with a result (its hash prefix and time) or a claim."""
+    out = [
+        {"peer": peer_of(o), "result": h.hex()[:12], "ms": view.result_ms.get(o)}
+        for o, h in sorted(view.results.items())
+    ]
+    out += [
+        {"peer": peer_of(o), "result": None, "ms": None}
+        for o in sorted(view.claims)
+        if o not in view.results
+    ]
+    return out
 
 
 def eta_seconds(views: dict[int, UnitView], counts: dict[str, int], workers: int) -> float | None:
@@ -86,6 +101,7 @@ def with_scores(summary: dict[str, Any], means: list[float | None]) -> dict[str,
     return {
         **summary,
         "unit_states": states,
+        "unit_workers": [[] for _ in states],  # scorers are not shown per candidate
         "units": {"open": len(states) - done, "claimed": 0, "done": done, "conflict": 0},
         "progress": done / n,
         "status": "finished" if done == len(states) else summary["status"],
