@@ -391,6 +391,16 @@ def join_cmd(
             help="Private network: file of trusted peer ids; env UNODE_ALLOWLIST.",
         ),
     ] = None,
+    max_upload: Annotated[
+        float | None,
+        typer.Option(
+            "--max-upload",
+            metavar="MB_PER_S",
+            help="Cap on what this node serves to peers, all streams together, in megabytes "
+            "per second (e.g. 5 on a home uplink). Default: no cap.",
+            envvar="UNODE_MAX_UPLOAD",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", envvar="UNODE_VERBOSE")] = False,
     metrics_port: MetricsPort = None,
     log_format: LogFormat = "text",
@@ -412,8 +422,11 @@ def join_cmd(
             state_dir=state_dir,
             allowlist=allowlist,
         )
+        if max_upload is not None and not 0.1 <= max_upload <= 100_000:
+            raise UserError("--max-upload", max_upload, "use 0.1 to 100000 megabytes per second")
         summaries = tuple(check_summary_dir(p) for p in summary or [])
-        cfg = JoinConfig(net, hosted_experts(expert, domain), ttl, summaries)  # type: ignore[arg-type]
+        upload = max_upload * 1e6 if max_upload is not None else None
+        cfg = JoinConfig(net, hosted_experts(expert, domain), ttl, summaries, upload)  # type: ignore[arg-type]
         code = run_join(cfg)
     except UserError as err:
         fail(err)

@@ -23,6 +23,7 @@ from node.network.client import BlobStream, FileTarget, MemoryTarget, ProviderEr
 from node.network.config import hosted_experts, network_config
 from node.network.manifest import load_expert
 from node.network.plan import Journal, Piece, tensor_pieces
+from node.network.ratelimit import TokenBucket
 from node.network.service import BlobServer, frame_prefix
 from protocol.content import record_hash
 from protocol.errors import SchemaError
@@ -222,6 +223,57 @@ def test_per_peer_stream_limit(tmp_path: Path) -> None:
         asyncio.run(run())
 
 
+def test_token_bucket_waits_exactly_what_the_rate_requires() -> None:
+    clock, slept = [0.0], []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    async def run() -> None:
+        bucket = TokenBucket(1000.0, burst=2000.0, clock=lambda: clock[0], sleep=sleep)
+        await bucket.consume(2000)  # the burst: no wait
+        assert slept == []
+        await bucket.consume(500)  # 500 B at 1000 B/s
+        await bucket.consume(3000)  # bigger than the burst: allowed, paid back by waiting
+        assert slept == [0.5, 3.0]
+        clock[0] += 10.0  # idle: refills to the burst, not beyond
+        await bucket.consume(2000)
+        await bucket.consume(1000)
+        assert slept == [0.5, 3.0, 1.0]
+
+    asyncio.run(run())
+    with pytest.raises(ValueError):
+        TokenBucket(0)
+
+
+def test_upload_cap_paces_every_served_chunk(tmp_path: Path) -> None:
+    """The server with a cap: same bytes, and the waits add up to (bytes - burst) / rate."""
+    data = os.urandom(6 * CHUNK)
+    server, header = host_blob(tmp_path, data)
+    server.limits.upload_bytes_per_s = 2 * CHUNK
+    clock, slept = [0.0], []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    async def run() -> None:
+        server._bucket = TokenBucket(2 * CHUNK, 2 * CHUNK, lambda: clock[0], sleep)
+        async with served(server) as connect:
+            stream = await connect()
+            out = bytearray(len(data))
+            target = MemoryTarget(memoryview(out))
+            await stream.get_object(header.object_hash, ["blob"], len(data), 0, target,
+                                    lambda i, n: None)  # fmt: skip
+            stream.close()
+        assert bytes(out) == data
+
+    asyncio.run(run())
+    assert len(slept) == 4 and sum(slept) == 2.0  # 6 chunks at 2 chunks/s, 2 chunks of burst
+    assert server.served_bytes["peer-under-test"] == len(data)
+
+
 def test_frame_prefix_is_protocol_chunk_framing() -> None:
     data, digest = os.urandom(777), os.urandom(32)
     assert frame_prefix(9, len(data), digest) + data == length_prefixed(
@@ -359,6 +411,7 @@ def test_config_errors_name_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyP
         (["join", "--initial-peers", "nonsense"], "--initial-peers"),
         (["join", "--expert", "/nonexistent", "--domain", "x"], "--expert"),
         (["join", "--ttl", "5"], "--ttl"),
+        (["join", "--max-upload", "0"], "--max-upload"),
         (["fetch", "abc", "/nonexistent/unode-out"], "--initial-peers"),
         (["experts", "--network", "UPPER"], "--network"),
     ],

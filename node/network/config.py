@@ -54,6 +54,7 @@ class JoinConfig:
     experts: tuple[HostedExpert, ...] = ()
     ttl: float = 300.0  # seconds an announcement lives in the DHT; refreshed at ttl/3
     summaries: tuple[Path, ...] = ()  # distribution-summary directories (node.fusion) to serve
+    max_upload: float | None = None  # bytes per second served to peers, all streams (None: no cap)
 
 
 def check_network(value: str) -> str:

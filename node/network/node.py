@@ -14,7 +14,7 @@ from types import FrameType
 
 from node.network.config import JoinConfig
 from node.network.process import descendant_pids, kill_all
-from node.network.service import BlobServer
+from node.network.service import BlobServer, ServiceLimits
 from node.network.session import Session, run_async
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ async def _serve(
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, stop.set)
     p2p = await session.p2p()
-    server = BlobServer()
+    server = BlobServer(ServiceLimits(upload_bytes_per_s=cfg.max_upload))
     hosting.register(server)
     await server.start(p2p)
     from node.metrics.stats import serve_stats  # uptime and traffic, for `unode dashboard`

@@ -19,6 +19,8 @@ from typing import Any
 
 from node.metrics import registry as metrics
 from node.network import wire
+from node.network.ratelimit import TokenBucket
+from protocol.content import DEFAULT_CHUNK_SIZE
 from protocol.stream import CHUNK, CHUNK_OVERHEAD, StreamHeader, length_prefixed
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class ServiceLimits:
 
     streams_per_peer: int = 8
     streams_total: int = 64
+    upload_bytes_per_s: float | None = None  # all streams together (`unode join --max-upload`)
 
 
 @dataclass
@@ -61,6 +64,13 @@ class BlobServer:
     corrupt: bool = field(default_factory=lambda: os.environ.get(CORRUPT_ENV, "") == "1")
     served_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _streams: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _bucket: TokenBucket | None = None
+
+    def _upload_cap(self) -> TokenBucket | None:
+        rate = self.limits.upload_bytes_per_s
+        if rate and self._bucket is None:  # made on first use, inside the serving event loop
+            self._bucket = TokenBucket(rate, burst=max(rate, 2 * DEFAULT_CHUNK_SIZE))
+        return self._bucket
 
     def add_record(self, digest: bytes, data: bytes) -> None:
         self.records[digest] = data
@@ -110,6 +120,8 @@ class BlobServer:
             if data is None:
                 await self._send(writer, wire.encode_reply(wire.BlobReply(False, "unknown record")))
                 return
+            if (cap := self._upload_cap()) is not None:
+                await cap.consume(len(data))
             await self._send(
                 writer, wire.encode_reply(wire.BlobReply(True, length=len(data))) + data
             )
@@ -138,6 +150,8 @@ class BlobServer:
                 data = os.pread(fd, size, obj.offset + begin)
                 if len(data) != size:
                     raise OSError(f"{obj.path} is shorter than its manifest says")
+                if (cap := self._upload_cap()) is not None:
+                    await cap.consume(size)
                 writer.write(frame_prefix(index, size, header.chunks[index]))
                 writer.write(self._maybe_corrupt(data))
                 self.served_bytes[peer] += size
