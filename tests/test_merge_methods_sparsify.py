@@ -174,6 +174,20 @@ def test_selection_with_ties_keeps_mergekits_count_and_untied_choices() -> None:
 # --- randomized methods: distribution, determinism ------------------------------------
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+def test_blocked_dare_equals_one_whole_draw_and_mask(rescale: bool) -> None:
+    """random_drop works a block at a time (3 blocks here, the last not a whole row of the
+    stable sums): the same bits as drawing the whole mask and applying it at once."""
+    n = 2 * (1 << 20) + 16_387
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    delta[::7] = 0.0
+    got = sparsify.random_drop(delta.clone(), 0.3, rescale, torch.Generator().manual_seed(9))
+    keep = sparsify.bernoulli_mask(delta.shape, 0.3, torch.Generator().manual_seed(9))
+    expected = sparsify.apply_mask(delta.clone(), delta.abs(), keep, rescale)
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    assert 0.29 < float(torch.count_nonzero(got)) / (n - (n + 6) // 7) < 0.31
+
+
 def test_dare_keeps_density_and_rescaled_expectation() -> None:
     delta = torch.randn(400_000, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(0)

@@ -60,3 +60,28 @@ def stable_row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def stable_row_norm(x: torch.Tensor) -> torch.Tensor:
     """The l2 norm along the last dim (1-D: one value), thread-count free."""
     return stable_row_dot(x, x).sqrt()
+
+
+class PieceSums:
+    """`stable_sum(x)` and `stable_dot(x, m)` of a flat `x` fed in consecutive BLOCK-sized
+    pieces (the last may be shorter), bit for bit the whole-tensor results: a piece holds
+    whole rows, so its row sums are the whole tensor's, grouped the same way."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []  # stable_sum: full rows of every piece
+        self.tail = torch.zeros(1, dtype=torch.float64)  # ... and the last piece's remainder
+        self.dot_parts: list[torch.Tensor] = []  # stable_dot: _row_sums of each piece's product
+
+    def add(self, x: torch.Tensor, m: torch.Tensor) -> None:
+        """Adds piece `x` (and `m` for the dot); `x * m` is computed in a temporary."""
+        full = x.numel() - x.numel() % ROW
+        self.rows.append(x[:full].view(-1, ROW).sum(dim=1).to(torch.float64))
+        self.tail = x[full:].to(torch.float64).sum().reshape(1)
+        self.dot_parts.append(_row_sums(x * m))
+
+    def totals(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stable_sum(x), stable_dot(x, m)) over every piece added, as 0-dim `dtype` tensors."""
+        if not self.dot_parts:
+            return torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
+        total = _serial_total(torch.cat([*self.rows, self.tail])).to(dtype)
+        return total, _serial_total(torch.cat(self.dot_parts)).to(dtype)

@@ -15,7 +15,7 @@ from node.merge.methods.rank_range import (
     keep_top_magnitudes,
     rank_range_mask,
 )
-from node.merge.methods.reduce import stable_dot, stable_sum
+from node.merge.methods.reduce import BLOCK, PieceSums, stable_dot, stable_sum
 from node.merge.methods.select import row_argsort, top_count_mask
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either l1 norm is below this
@@ -84,11 +84,30 @@ def random_int16(shape: torch.Size, generator: torch.Generator | None) -> torch.
 def random_drop(
     delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Keep each element with probability `density` (DARE)."""
+    """Keep each element with probability `density` (DARE).
+
+    A block at a time (draws, mask, |x| and the l1 sums of the rescale), so no full-size
+    temporary is made; blocks hold a multiple of 4 elements and are drawn in order, so they
+    consume the generator exactly as one whole draw would, and the sums are `apply_mask`'s.
+    """
     if density >= 1:
         return delta
-    w = delta.view(-1).abs() if rescale else delta.view(-1)
-    return apply_mask(delta, w, bernoulli_mask(delta.shape, density, generator), rescale)
+    flat = delta.view(-1)
+    threshold = round(density * 65536) - 32768  # as bernoulli_mask
+    sums = PieceSums()
+    size = min(BLOCK, flat.numel())
+    keep, magnitude = torch.empty(size), torch.empty(size if rescale else 0)
+    for a in range(0, flat.numel(), BLOCK):
+        x = flat[a : a + BLOCK]
+        kept = torch.lt(random_int16(x.shape, generator), threshold, out=keep[: x.numel()])
+        if rescale:
+            sums.add(torch.abs(x, out=magnitude[: x.numel()]), kept)
+        x.mul_(kept)
+    if rescale:
+        l1_before, l1_after = sums.totals(delta.dtype)
+        if l1_before >= RESCALE_EPS and l1_after >= RESCALE_EPS:
+            delta.mul_(l1_before / l1_after)  # x * 1 * s == x * s: apply_mask's values
+    return delta
 
 
 def della_magprune(
