@@ -109,15 +109,14 @@ class TaskVectorMerge:
         for delta, weight in zip(deltas, weights, strict=True):
             delta.mul_(weight)  # a scalar per model: broadcasting an (N, 1, ...) tensor is slower
         if self.consensus:
-            mixed, divisor = sign_consensus_sum(deltas, weights, weighted=True, reuse=True)
-            divisor.add_(torch.eq(divisor, 0, out=torch.empty(divisor.shape)))  # 0 -> 1
+            mixed = consensus_mix(deltas, weights, params["normalize"])
         else:
             mixed = model_sum(deltas, into_first=True)
             divisor = torch.tensor(weights).view(-1, *([1] * base.dim())).sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
+            if params["normalize"]:
+                mixed /= divisor
         del deltas
-        if params["normalize"]:
-            mixed /= divisor
         if params["lambda"] != 1:
             mixed *= params["lambda"]
         return mixed.add_(base)
@@ -200,6 +199,50 @@ def sign_consensus_sum(
         mixed.addcmul_(delta, agree, value=1.0 if weighted else weight)
         divisor.add_(agree, alpha=weight)
     return mixed, divisor
+
+
+CONSENSUS_BLOCK = 1 << 18  # elements per block: the temporaries stay in cache
+
+
+def consensus_mix(
+    deltas: list[torch.Tensor], weights: list[float], normalize: bool
+) -> torch.Tensor:
+    """The engine's sign consensus: `sign_consensus_sum(deltas, weights, weighted=True,
+    reuse=True)`, divided by the agreeing weights (0 -> 1) when `normalize`, into `deltas[0]`.
+
+    A block at a time with block-sized temporaries (every op is elementwise, so the values
+    are the whole-tensor ones); the divisor is only computed when it divides.
+    """
+    if len(deltas) > SEQUENTIAL_SUM or not all(d.is_contiguous() for d in deltas):
+        mixed, divisor = sign_consensus_sum(deltas, weights, weighted=True, reuse=True)
+        if normalize:
+            mixed /= divisor.add_(torch.eq(divisor, 0, out=torch.empty(divisor.shape)))
+        return mixed
+    flats = [d.view(-1) for d in deltas]
+    n = flats[0].numel()
+    size = min(CONSENSUS_BLOCK, n)
+    elected, agree, divisor = torch.empty(size), torch.empty(size), torch.empty(size)
+    for a in range(0, n, CONSENSUS_BLOCK):
+        block = [f[a : a + CONSENSUS_BLOCK] for f in flats]
+        m = block[0].numel()
+        e, g, d = elected[:m], agree[:m], divisor[:m]
+        torch.add(block[0], block[1], out=e) if len(block) > 1 else e.copy_(block[0])
+        for x in block[2:]:
+            e.add_(x)  # model_sum's running order
+        torch.ge(e, 0, out=e).mul_(2).sub_(1)  # ±1
+        for index, (x, weight) in enumerate(zip(block, weights, strict=True)):
+            torch.gt(torch.mul(x, e, out=g), 0, out=g)  # 1.0 where the sign agrees
+            if index == 0:  # block[0] becomes the sum (it is only read for its own term)
+                x.mul_(g)
+                if normalize:
+                    torch.mul(g, weight, out=d)
+                continue
+            block[0].addcmul_(x, g, value=1.0)
+            if normalize:
+                d.add_(g, alpha=weight)
+        if normalize:
+            block[0].div_(d.add_(torch.eq(d, 0, out=g)))  # no agreeing weight: 0 -> 1
+    return deltas[0]
 
 
 TASK_VECTOR_METHODS = (
