@@ -19,7 +19,7 @@ import torch
 
 from node.errors import UserError
 from node.merge.buffers import BufferPool, Key
-from node.merge.io import TensorSource
+from node.merge.io import LocalSafetensorsSource, TensorSource
 from node.merge.methods.base import MergeInputs, MergeMethod, tensor_generator
 from node.merge.plan import TensorJob
 from node.merge.vocab import VocabRemap
@@ -51,24 +51,34 @@ def buffer_needs(jobs: Sequence[TensorJob], sources: dict[str, TensorSource]) ->
     return needs
 
 
+_MODEL_READS = ThreadPoolExecutor(2, "unode-read-model")  # reads of one job's models at once
+
+
 def gather(
     job: TensorJob, sources: dict[str, TensorSource], pool: BufferPool
 ) -> dict[str, torch.Tensor]:
-    """Every input of one job, as float32 (non-float buffers keep their dtype)."""
-    out = {}
-    for model, name in job.reads.items():
-        src = sources[model]
-        if not job.floating:
-            out[model] = src.get(name)
-            continue
-        buf = pool.take(src.meta(name).shape, F32)
-        x = src.get(name, buf)
-        if x.dtype != F32:  # a source that ignored `out`
-            buf.copy_(x)
-            x = buf
-        _finite(name, model, x)
-        out[model] = x
-    return out
+    """Every input of one job, as float32 (non-float buffers keep their dtype).
+
+    Local files are read (pread, hash, bf16 -> fp32) two models at a time: each model is
+    its own source, and those steps release the GIL.
+    """
+    if not job.floating:
+        return {model: sources[model].get(name) for model, name in job.reads.items()}
+    local = all(isinstance(sources[m], LocalSafetensorsSource) for m in job.reads)
+    if len(job.reads) < 2 or not local:
+        return {m: _read(m, n, sources[m], pool) for m, n in job.reads.items()}
+    reads = {m: _MODEL_READS.submit(_read, m, n, sources[m], pool) for m, n in job.reads.items()}
+    return {model: future.result() for model, future in reads.items()}
+
+
+def _read(model: str, name: str, src: TensorSource, pool: BufferPool) -> torch.Tensor:
+    buf = pool.take(src.meta(name).shape, F32)
+    x = src.get(name, buf)
+    if x.dtype != F32:  # a source that ignored `out`
+        buf.copy_(x)
+        x = buf
+    _finite(name, model, x)
+    return x
 
 
 def merge_one(
