@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -230,6 +231,12 @@ def round_expert(node: Node, rid: str) -> Path:
     return found[0]
 
 
+def target_hosts(s: Swarm) -> list[Node]:
+    """Live nodes hosting the base model (the fusion tests' target)."""
+    live = [n for n in s.nodes if n.proc.poll() is None]
+    return [n for n in live if str(s.dirs[0]) in [str(a) for a in list(n.proc.args)]]  # type: ignore[arg-type]
+
+
 def done_nodes(s: Swarm, rid: str) -> list[Node]:
     return [n for n in s.nodes if f"UNODE_ROUND_DONE round={rid}" in n.text()]
 
@@ -383,6 +390,12 @@ def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:
     from node.fusion.corpus import write_toy_corpus
 
     corpus = write_toy_corpus(swarm.tmp / "corpus.jsonl", n=12, max_chars=120)
+    hosts = target_hosts(swarm)  # after the killed-worker test: node 0 and the restarted worker
+    if len(hosts) < 2:  # run on its own: a second host of the target joins here
+        extra = start(swarm.tmp / "target2", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
+                      "--expert", str(swarm.dirs[0]), "--domain", "general")  # fmt: skip
+        swarm.nodes.append(extra)
+        hosts = target_hosts(swarm)
     res = subprocess.run(
         [
             UNODE,
@@ -421,7 +434,17 @@ def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:
     assert out["units"] == 4 and out["expert_id"]
     for source in swarm.nodes[1:3]:  # each source host summarized both shards of its expert
         assert source.text().count(f"round {rid[:12]}: summarized shard") == 2
-    fused = round_expert(swarm.nodes[0], rid)
+    # two nodes host the target: one of them is elected and trains, the other sees its result
+    assert len(hosts) == 2
+    winners = done_nodes(swarm, rid)
+    assert len(winners) == 1 and winners[0] in hosts
+    other = next(n for n in hosts if n is not winners[0])
+    deadline = time.monotonic() + 30
+    while f"round {rid[:12]}: fused by 12D3" not in other.text() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert f"round {rid[:12]}: fused by 12D3" in other.text(), other.text()[-1500:]
+    assert not (other.state / "rounds" / rid / "expert").exists()
+    fused = round_expert(winners[0], rid)
     assert expert_id(fused, swarm.tmp / "ids") == out["expert_id"]
     model = AutoModelForCausalLM.from_pretrained(fused, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(swarm.dirs[0], dtype=torch.float32)
@@ -453,11 +476,12 @@ def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm)
     rid = json.loads(res.stdout[res.stdout.index("{\n") :])["round_id"]
     lied = liar.text().count(f"round {rid[:12]}: summarized shard")
     assert lied >= 1, liar.text()[-2000:]
-    honest, target = swarm.nodes[2].text(), swarm.nodes[0].text()
-    assert f"round {rid[:12]}: rejected unit" in honest + target
+    honest = swarm.nodes[2].text()
+    everyone = "".join(n.text() for n in swarm.nodes if n is not liar)
+    assert f"round {rid[:12]}: rejected unit" in everyone
     # the honest host did every shard: its own and the ones it refused from the liar
     assert honest.count(f"round {rid[:12]}: summarized shard") == 3
-    fused = round_expert(swarm.nodes[0], rid)
+    fused = round_expert(done_nodes(swarm, rid)[0], rid)
     weights = load_file(str(next(fused.glob("*.safetensors"))))
     assert all(torch.isfinite(t).all() for t in weights.values())
     liar.stop()

@@ -1,7 +1,8 @@
 """One fusion round on one node. Units are (source expert, corpus shard): a node hosting the
-source summarizes that shard and serves the summaries; the node hosting the target, once every
-unit has a result, fetches them, trains the target (FuseLLM loss, node/fusion) and announces
-the fused model as a new expert whose card names the round.
+source summarizes that shard and serves the summaries; once every unit has a result, one node
+hosting the target (elected: node/rounds/elect.py) fetches and checks them, trains the target
+(FuseLLM loss, node/fusion) and announces the fused model as a new expert whose card names the
+round.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from node.network.fetch import fetch_expert
 from node.network.hosting import Hosting
 from node.network.manifest import load_expert
 from node.rounds import fuse_data, records
+from node.rounds.elect import TrainerSlot
 from node.rounds.inputs import fetch_record, providers_of
 from node.rounds.spec import RoundSpec
 from protocol.records import RoundProposal
@@ -182,6 +184,25 @@ class FuseRun:
         return out
 
     async def _train(self, results: dict[int, tuple[bytes, list[bytes]]]) -> None:
+        slot = TrainerSlot(self.node, self.rid, len(self.spec.units), self.spec.claim_ttl)
+        state, who = await slot.elect()
+        if state == "done":
+            self.done = True
+            trainer = records.peer_of(who) if who else "?"
+            self.node.say(f"unode: round {self.rid.hex()[:12]}: fused by {trainer}")
+        if state != "mine":
+            return
+        start = time.monotonic()
+        async with slot.held():
+            eid = await self._fuse(results)
+        if eid is not None:
+            await slot.finish(eid, int((time.monotonic() - start) * 1000))
+            self.done = True
+            self.node.say(f"UNODE_ROUND_DONE round={self.rid.hex()} expert={eid.hex()}")
+
+    async def _fuse(self, results: dict[int, tuple[bytes, list[bytes]]]) -> bytes | None:
+        """Fetch and check every unit, train, host the fused expert; its id (None: a unit was
+        rejected and is being redone)."""
         from node.fusion.train import FuseConfig, fuse
 
         corpus = self.root / "corpus.jsonl"
@@ -196,7 +217,7 @@ class FuseRun:
             units = sorted((k, u) for u in results for s, k in [self._unit(u)] if s == source)
             packed = [await self._checked_unit(u, *results[u]) for _, u in units]
             if any(p is None for p in packed):
-                return  # a rejected unit is summarized again; train once every unit is good
+                return None  # a rejected unit is summarized again; train once all are good
             combined = self.root / "summaries" / source
             await asyncio.to_thread(fuse_data.combine, [p for p in packed if p], combined, sha)
             summaries.append(combined)
@@ -220,9 +241,7 @@ class FuseRun:
         )
         await asyncio.to_thread(fuse, cfg)
         portable_output(out, self.root)
-        eid = await self.node.host_expert(out, self.spec.domain, self.rid)
-        self.done = True
-        self.node.say(f"UNODE_ROUND_DONE round={self.rid.hex()} expert={eid.hex()}")
+        return bytes(await self.node.host_expert(out, self.spec.domain, self.rid))
 
     def close(self) -> None:
         return None

@@ -1,0 +1,63 @@
+"""One trainer per fusion round. Every host of the target could train (the result is the same
+model), so they elect one: each claims the slot after the last unit (index = number of units);
+the earliest live claim trains, renews its claim while it does (training can outlast the claim's
+ttl), and publishes the fused expert's id as the slot's result. The others stop when they see
+that result; if the trainer dies, its claim expires and the next host takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from node.rounds import records
+
+
+class TrainerSlot:
+    """The training slot of round `rid` as seen by `node` (a joined node with dht, identity)."""
+
+    def __init__(self, node: Any, rid: bytes, slot: int, ttl: float) -> None:
+        self.node, self.rid, self.slot, self.ttl = node, rid, slot, ttl
+        self.me: bytes = node.identity.public_key
+
+    async def _view(self) -> records.UnitView:
+        return await records.unit_view(self.node.dht, self.node.network, self.rid, self.slot)
+
+    async def _claim(self) -> None:
+        n = self.node
+        await records.claim(n.dht, n.identity, n.network, self.rid, self.slot, self.ttl)
+
+    async def elect(self) -> tuple[str, bytes | None]:
+        """("done", trainer) once a trainer published; ("mine", me) if this node trains;
+        ("other", holder) while another host holds the slot."""
+        view = await self._view()
+        if view.results:
+            return "done", min(view.results)
+        holder = view.holder(set())
+        if holder is None:
+            await self._claim()
+            holder = (await self._view()).holder(set())
+        return ("mine" if holder == self.me else "other"), holder
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Renew our claim every ttl/3 while the body runs."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.ttl / 3)
+                await self._claim()
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def finish(self, expert_id: bytes, ms: int) -> None:
+        n = self.node
+        await records.result(n.dht, n.identity, n.network, self.rid, self.slot, expert_id, ms)
