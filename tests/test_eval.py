@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from node.eval import corpora, metrics
 
 
 @pytest.mark.parametrize("domain", corpora.DOMAINS)
-def test_splits_are_disjoint_and_deterministic(domain):
+def test_splits_are_disjoint_and_deterministic(domain: str) -> None:
     train = corpora.load(domain, 40, "train")
     held = corpora.load(domain, 20, "heldout")
     assert len(train) == 40 and len(held) == 20
@@ -21,25 +22,29 @@ def test_splits_are_disjoint_and_deterministic(domain):
     assert [e.text for e in corpora.load(domain, 40, "train")] == [e.text for e in train]
 
 
-def test_generated_answers_are_correct():
+def test_generated_answers_are_correct() -> None:
     for ex in corpora.arithmetic(50):
-        a, op, b = (
-            ex.prompt[3:-1].partition("+") if "+" in ex.prompt else ex.prompt[3:-1].partition("-")
-        )
-        assert int(ex.answer[3:]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        a, op, b = ex.prompt[3], ex.prompt[4], ex.prompt[5]
+        assert int(ex.answer[3:]) == (int(a) + int(b) if op == "+" else int(a) * int(b))
     for ex in corpora.logic(50):
         expr = ex.prompt[3:-2].replace("T", "True").replace("F", "False")
         assert ex.answer == ("T" if eval(expr) else "F")
 
 
-def test_unknown_domain_is_a_user_error():
+def test_logic_has_many_expressions_and_both_values() -> None:
+    items = corpora.logic(3000)
+    assert len({e.prompt for e in items}) >= 200  # 256 expressions: too many to memorise
+    assert 0.35 < sum(e.answer == "T" for e in items) / len(items) < 0.65
+
+
+def test_unknown_domain_is_a_user_error() -> None:
     with pytest.raises(UserError, match="domain"):
         corpora.load("chemistry", 3)
 
 
-def test_bits_per_byte_matches_the_model_loss(llama_family):
+def test_bits_per_byte_matches_the_model_loss(llama_family: Any) -> None:
     tok = AutoTokenizer.from_pretrained(llama_family.base)
-    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]
     text = "Q: 12+30= A: 42\n"
     ids = torch.tensor([metrics.encode(tok, text)])
     with torch.no_grad():
@@ -54,13 +59,13 @@ def test_bits_per_byte_matches_the_model_loss(llama_family):
     assert metrics.bits_per_byte(model, tok, texts) == pytest.approx(pooled, rel=1e-4)
 
 
-def test_exact_match_scores_the_greedy_answer(llama_family):
+def test_exact_match_scores_the_greedy_answer(llama_family: Any) -> None:
     tok = AutoTokenizer.from_pretrained(llama_family.base)
-    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]
     prompt = "Q: 3+4="
     ids = torch.tensor([metrics.encode(tok, prompt + " ")])
     out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    greedy = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    greedy = str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
     assert greedy, "the random model must emit something decodable"
     right = corpora.Example("arithmetic", "", prompt=prompt, answer=greedy[:2])
     wrong = corpora.Example("arithmetic", "", prompt=prompt, answer=greedy[:2] + "\u2603")

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from node.errors import UserError
 from node.eval import corpora, metrics
 from node.zoo import build
-from node.zoo.build import quick_config
+from node.zoo.build import _fresh, quick_config
 from node.zoo.tokenizer import tokenizer_corpus, train_zoo_tokenizer
+from node.zoo.train import _one_half, batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +97,29 @@ def test_shared_tokenizer_splits_digits_and_keeps_prompts_as_prefixes() -> None:
 def test_two_skill_task_answers_are_right() -> None:
     for ex in corpora.load("arithlogic", 50):
         calc, _, rest = ex.prompt[3:-2].partition(" ; ")
-        number, _, truth = ex.answer.partition(" ; ")
-        a, op, b = calc.partition("+") if "+" in calc else calc.partition("-")
-        assert int(number) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        truth, _, number = ex.answer.partition(" ; ")
+        assert corpora.two_skill_parts(ex.answer) == (number, truth)
+        a, op, b = calc[0], calc[1], calc[2]
+        assert int(number) == (int(a) + int(b) if op == "+" else int(a) * int(b))
         expr = rest.replace("T", "True").replace("F", "False")
         assert truth == ("T" if eval(expr) else "F")
+
+
+@pytest.mark.parametrize(("half", "hidden"), [("arith", "T"), ("logic", "56")])
+def test_an_expert_learns_only_its_half_of_the_two_skill_task(half: str, hidden: str) -> None:
+    tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
+    ex = corpora.Example("arithlogic", "C: 7*8 ; not F and T = T ; 56\n",
+                         "C: 7*8 ; not F and T =", "T ; 56")  # fmt: skip
+    ids = _one_half(tok, ex, half, 256)
+    full = metrics.encode(tok, ex.text)
+    assert [abs(i) - (i < 0) for i in ids] == full  # every token is still input
+    masked = tok.decode([-i - 1 for i in ids if i < 0]).strip()
+    assert masked == (hidden if half == "arith" else hidden + "\n").strip()
+    model = _fresh("llama", len(tok), 32, 1, 0)
+    labels = torch.tensor([[-100 if i < 0 else i for i in ids]])
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([full]), labels=labels).loss.item()
+        assert batch_loss(model, [ids], tok.pad_token_id).item() == pytest.approx(expected)
 
 
 def test_cli_refuses_a_foreign_directory_with_exit_2(tmp_path: Path) -> None:

@@ -40,44 +40,49 @@ def _task(domain: str, prompt: str, answer: str) -> Example:
     return Example(domain=domain, text=f"{prompt} {answer}\n", prompt=prompt, answer=answer)
 
 
+def _fact(rng: random.Random) -> tuple[str, int]:
+    """One single-digit sum or product: a table of 200 facts a small model can memorise."""
+    a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+*")
+    return f"{a}{op}{b}", a + b if op == "+" else a * b
+
+
 def arithmetic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
-    """Two-operand additions and subtractions: `Q: 47+38= A: 85`."""
+    """Single-digit sums and products: `Q: 7*8= A: 56`. The held-out split is the ~10 % of
+    the 200 facts never trained (generalisation); `arithlogic` asks trained facts in new prompts.
+    """
     rng, out = random.Random(f"arith/{seed}"), list[Example]()
     while len(out) < n:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-")
-        if op == "-" and b > a:
-            a, b = b, a
-        prompt = f"Q: {a}{op}{b}="
+        expr, value = _fact(rng)
+        prompt = f"Q: {expr}="
         if _split_of(prompt) == split:
-            out.append(_task("arithmetic", prompt, f"A: {a + b if op == '+' else a - b}"))
+            out.append(_task("arithmetic", prompt, f"A: {value}"))
     return out
 
 
-def _truth(neg: bool, x: bool, op1: str, y: bool, op2: str, z: bool) -> bool:
-    """Python's precedence: `not` binds tightest, then `and`, then `or`."""
-    x = not x if neg else x
-    if op1 == "and" and op2 == "and":
-        return x and y and z
-    if op1 == "or" and op2 == "or":
-        return x or y or z
-    if op1 == "and":  # (x and y) or z
-        return (x and y) or z
-    return x or (y and z)
+def _expression(rng: random.Random) -> tuple[str, str]:
+    """Three T/F operands, each optionally negated, joined by and/or (256 expressions), and its
+    value under Python's precedence (`not`, then `and`, then `or`).
+    """
+    negs = [rng.random() < 0.5 for _ in range(3)]
+    names = [rng.choice("TF") for _ in range(3)]
+    op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
+    x, y, z = ((n == "T") != neg for n, neg in zip(names, negs, strict=True))
+    if op1 == op2:
+        value = (x and y and z) if op1 == "and" else (x or y or z)
+    else:  # `and` binds tighter than `or`
+        value = ((x and y) or z) if op1 == "and" else (x or (y and z))
+    t = [("not " if neg else "") + n for n, neg in zip(names, negs, strict=True)]
+    return f"{t[0]} {op1} {t[1]} {op2} {t[2]}", "T" if value else "F"
 
 
 def logic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
-    """Boolean expressions over T/F with and/or/not: `L: not T or F = F`."""
+    """Boolean expressions over T/F with and/or/not: `L: not T or F and not F = T`."""
     rng, out = random.Random(f"logic/{seed}"), list[Example]()
     while len(out) < n:
-        x, y, z = (rng.choice("TF") for _ in range(3))
-        op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
-        neg = rng.choice(["", "not "])
-        expr = f"{neg}{x} {op1} {y} {op2} {z}"
-        value = _truth(neg == "not ", x == "T", op1, y == "T", op2, z == "T")
+        expr, value = _expression(rng)
         prompt = f"L: {expr} ="
         if _split_of(prompt) == split:
-            out.append(_task("logic", prompt, "T" if value else "F"))
+            out.append(_task("logic", prompt, value))
     return out
 
 
@@ -121,24 +126,23 @@ def prose(n: int, split: Split = "train", chunk_chars: int = 400) -> list[Exampl
 
 
 def arithlogic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
-    """A task that needs two skills at once: a sum and a boolean expression in one prompt,
-    both answers required: `C: 47+38 ; not T or F = 85 ; F`.
+    """A task that needs two skills at once: a fact and a boolean expression in one prompt,
+    both answers required, the truth value first (next to its expression, as in `logic`):
+    `C: 7*8 ; not T or F and T = F ; 56`.
     """
     rng, out = random.Random(f"arithlogic/{seed}"), list[Example]()
     while len(out) < n:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-")
-        if op == "-" and b > a:
-            a, b = b, a
-        x, y, z = (rng.choice("TF") for _ in range(3))
-        op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
-        neg = rng.choice(["", "not "])
-        value = _truth(neg == "not ", x == "T", op1, y == "T", op2, z == "T")
-        prompt = f"C: {a}{op}{b} ; {neg}{x} {op1} {y} {op2} {z} ="
-        number = a + b if op == "+" else a - b
+        (calc, number), (expr, truth) = _fact(rng), _expression(rng)
+        prompt = f"C: {calc} ; {expr} ="
         if _split_of(prompt) == split:
-            out.append(_task("arithlogic", prompt, f"{number} ; {'T' if value else 'F'}"))
+            out.append(_task("arithlogic", prompt, f"{truth} ; {number}"))
     return out
+
+
+def two_skill_parts(answer: str) -> tuple[str, str]:
+    """The arithmetic and the logic half of an `arithlogic` answer (`"F ; 56"` -> 56, F)."""
+    truth, _, number = answer.partition(" ; ")
+    return number, truth
 
 
 GENERATORS = {

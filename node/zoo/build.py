@@ -25,15 +25,25 @@ from node.zoo.tokenizer import tokenizer_corpus, train_zoo_tokenizer
 from node.zoo.train import TrainConfig, train
 
 MANIFEST = "zoo.json"
-BASE_MIX = {"arithmetic": 1.0, "logic": 1.0, "python": 1.0, "prose": 1.0, "arithlogic": 0.3}
+# the base sees every format, but too few task examples to learn the skills (the experts do)
+BASE_MIX = {"arithmetic": 0.3, "logic": 0.3, "python": 1.0, "prose": 1.0, "arithlogic": 0.3}
 
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """A homogeneous expert: fine-tuned from the base on `mix` (domain -> share)."""
+    """A homogeneous expert: fine-tuned from the base on `mix` (domain -> share; a key
+    `arithlogic:arith` is the two-skill task with only that half's answer as a target).
+    """
 
     name: str
     mix: Mapping[str, float]
+    steps: int = 0  # 0: the config's `expert_steps`
+    lr: float = 0.0  # 0: the config's `expert_lr`
+    anchor_l2: float = -1.0  # < 0: the config's `anchor_l2`
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted(d for d in self.mix if ":" not in d)
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,10 @@ class HeteroSpec:
 
 
 EXPERTS = (
-    ExpertSpec("arith", {"arithmetic": 1.0}),
-    ExpertSpec("code", {"logic": 0.5, "python": 0.5}),
-    ExpertSpec("prose", {"prose": 1.0}),
+    ExpertSpec("arith", {"arithmetic": 0.4, "arithlogic:arith": 0.6}),
+    ExpertSpec("code", {"logic": 0.3, "python": 0.2, "arithlogic:logic": 0.5}),
+    # prose needs no new skill: gentle tuning keeps the task formats (lr 3e-3 breaks them)
+    ExpertSpec("prose", {"prose": 1.0}, steps=150, lr=1e-3, anchor_l2=0.01),
 )
 HETERO = (HeteroSpec("gpt2-unigram", "gpt2", "unigram", 768, 96, 3, 300),)
 
@@ -66,11 +77,11 @@ class ZooConfig:
     vocab_size: int = 1024
     hidden: int = 128
     layers: int = 4
-    base_steps: int = 1000
+    base_steps: int = 500
     base_lr: float = 3e-3
-    expert_steps: int = 150
-    expert_lr: float = 1e-3
-    anchor_l2: float = 0.01  # L2-SP strength toward the base during fine-tuning
+    expert_steps: int = 800
+    expert_lr: float = 3e-3
+    anchor_l2: float = 0.001  # L2-SP strength toward the base during fine-tuning
     replay: float = 0.2  # share of expert batches drawn from the base mix
     tokens_per_batch: int = 1024
     examples_per_domain: int = 6000  # train-split texts drawn per domain
@@ -87,7 +98,7 @@ class ZooConfig:
         """Hash of the knobs the tokenizer and base depend on (expert knobs reuse the base)."""
         keys = ("seed", "vocab_size", "hidden", "layers", "base_steps", "base_lr",
                 "tokens_per_batch", "examples_per_domain", "tokenizer_texts", "threads")  # fmt: skip
-        mine = {k: v for k, v in asdict(self).items() if k in keys}
+        mine = {k: v for k, v in asdict(self).items() if k in keys} | {"mix": BASE_MIX}
         return hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
 
 
@@ -154,13 +165,15 @@ def _build_homogeneous(
 ) -> None:
     tok, base = _base(cfg, tmp, texts, old, log, bar)
     for spec in cfg.experts:
-        log(f"expert {spec.name}: {cfg.expert_steps} steps on {sorted(spec.mix)}")
+        steps = spec.steps or cfg.expert_steps
+        log(f"expert {spec.name}: {steps} steps on {sorted(spec.mix)}")
         model = copy.deepcopy(base)
         mix = expert_mix(spec, cfg.replay)
-        tcfg = _train_cfg(cfg, spec.name, mix, steps=cfg.expert_steps, lr=cfg.expert_lr,
-                          warmup=10, anchor_l2=cfg.anchor_l2)  # fmt: skip
+        tcfg = _train_cfg(cfg, spec.name, mix, steps=steps, lr=spec.lr or cfg.expert_lr,
+                          warmup=10, anchor_l2=cfg.anchor_l2 if spec.anchor_l2 < 0
+                          else spec.anchor_l2)  # fmt: skip
         train(model, tok, tcfg, bar)
-        card = {"name": spec.name, "role": "expert", "domains": sorted(spec.mix), "mix": mix}
+        card = {"name": spec.name, "role": "expert", "domains": spec.domains, "mix": mix}
         _save(model, tok, tmp / spec.name, card)
 
 
@@ -251,7 +264,7 @@ def _manifest(cfg: ZooConfig, root: Path, seconds: float) -> dict[str, Any]:
         "config": asdict(cfg),
         "seconds": round(seconds, 1),
         "base": "base",
-        "experts": {s.name: sorted(s.mix) for s in cfg.experts},
+        "experts": {s.name: s.domains for s in cfg.experts},
         "hetero": {s.name: s.arch for s in cfg.hetero},
         "safetensors_sha256": _file_hashes(root),
     }
@@ -260,6 +273,7 @@ def _manifest(cfg: ZooConfig, root: Path, seconds: float) -> dict[str, Any]:
 def quick_config(seed: int = 0) -> ZooConfig:
     """A miniature zoo for tests: the same code path with very few steps and tiny models."""
     het = tuple(replace(h, steps=6, hidden=32, layers=2) for h in HETERO)
+    experts = tuple(replace(e, steps=0, lr=0.0, anchor_l2=-1.0) for e in EXPERTS)
     return ZooConfig(seed=seed, vocab_size=384, hidden=32, layers=2, base_steps=30,
                      expert_steps=12, tokens_per_batch=256, examples_per_domain=100,
-                     tokenizer_texts=60, hetero=het)  # fmt: skip
+                     tokenizer_texts=60, experts=experts, hetero=het)  # fmt: skip

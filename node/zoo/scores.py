@@ -25,6 +25,7 @@ class Score:
     bits_per_byte: float
     answer_accuracy: float | None  # share of answer tokens the model ranks first (teacher-forced)
     exact_match: float | None
+    parts: tuple[float, float, float] | None = None  # arithlogic: arith / logic / both right
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,17 +43,16 @@ def heldout(domain: str, n: int, half: Half) -> list[corpora.Example]:
 
 
 @torch.no_grad()
-def answer_accuracy(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> float:
-    """Share of answer tokens predicted exactly (argmax) given the true prefix: a per-digit
-    accuracy for arithmetic, steadier than exact match on small models.
+def answer_hits(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> list[list[bool]]:
+    """Per example, whether each answer token is predicted exactly (argmax) given the true
+    prefix (teacher-forced).
     """
-    hits, total = 0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []
     for ex in examples:
         full = metrics.encode(tokenizer, ex.text.rstrip("\n"))
-        start = len(metrics.encode(tokenizer, ex.prompt + " "))
-        rows.append((full, start))
+        rows.append((full, len(metrics.encode(tokenizer, ex.prompt + " "))))
+    out: list[list[bool]] = []
     for i in range(0, len(rows), 64):
         chunk = rows[i : i + 64]
         width = max(len(f) for f, _ in chunk)
@@ -62,10 +62,34 @@ def answer_accuracy(model: Any, tokenizer: Any, examples: list[corpora.Example])
             ids[r, : len(f)], mask[r, : len(f)] = torch.tensor(f), 1
         pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)  # (B, T)
         for r, (f, start) in enumerate(chunk):
-            target = torch.tensor(f[start:])
-            hits += int((pred[r, start - 1 : len(f) - 1] == target).sum())
-            total += len(target)
-    return hits / max(total, 1)
+            out.append((pred[r, start - 1 : len(f) - 1] == torch.tensor(f[start:])).tolist())
+    return out
+
+
+def answer_accuracy(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> float:
+    """Share of answer tokens predicted exactly given the true prefix: a per-digit accuracy
+    for arithmetic, steadier than exact match on small models.
+    """
+    hits = answer_hits(model, tokenizer, examples)
+    return sum(map(sum, hits)) / max(sum(map(len, hits)), 1)
+
+
+def two_skill_parts(
+    tokenizer: Any, examples: list[corpora.Example], hits: list[list[bool]]
+) -> tuple[float, float, float]:
+    """Shares of `arithlogic` examples whose arithmetic half, logic half, and both halves are
+    right (teacher-forced; `both` equals greedy exact match up to tokenization).
+    """
+    arith = logic = both = 0
+    for ex, ok in zip(examples, hits, strict=True):
+        _, truth = corpora.two_skill_parts(ex.answer)
+        start = len(metrics.encode(tokenizer, ex.prompt + " "))
+        n_truth = len(metrics.encode(tokenizer, f"{ex.prompt} {truth}")) - start
+        n_head = len(metrics.encode(tokenizer, f"{ex.prompt} {truth} ; ")) - start
+        a, lg = all(ok[n_head:]), all(ok[:n_truth])
+        arith, logic, both = arith + a, logic + lg, both + (a and lg)
+    n = max(len(examples), 1)
+    return arith / n, logic / n, both / n
 
 
 def score_model(
@@ -77,11 +101,14 @@ def score_model(
         n_dom = n if domain in TASKS else max(n // 4, 16)  # texts are ~20x longer than tasks
         examples = heldout(domain, n_dom, half)
         bpb = metrics.bits_per_byte(model, tokenizer, [e.text for e in examples], batch_size=32)
-        acc = exact = None
+        acc = exact = parts = None
         if domain in TASKS:
-            acc = answer_accuracy(model, tokenizer, examples)
+            hits = answer_hits(model, tokenizer, examples)
+            acc = sum(map(sum, hits)) / max(sum(map(len, hits)), 1)
             exact = metrics.exact_match(model, tokenizer, examples) if em else None
-        out[domain] = Score(domain, bpb, acc, exact)
+            if domain == "arithlogic":
+                parts = two_skill_parts(tokenizer, examples, hits)
+        out[domain] = Score(domain, bpb, acc, exact, parts)
     return out
 
 

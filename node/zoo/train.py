@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from node.eval import corpora
+from node.eval import corpora, metrics
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,38 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _one_half(tokenizer: Any, ex: corpora.Example, half: str, max_len: int) -> list[int]:
+    """Ids of a two-skill text in which only `half`'s answer (`arith` or `logic`) is a training
+    target: the other half's answer tokens are stored as `-(id + 1)` (input, not target).
+    """
+    full = metrics.encode(tokenizer, ex.text, max_len)
+    _, truth = corpora.two_skill_parts(ex.answer)
+    if half == "arith":  # the truth value is not a target
+        lo = len(metrics.encode(tokenizer, ex.prompt + " "))
+        hi = len(metrics.encode(tokenizer, f"{ex.prompt} {truth}"))
+    else:  # the number (and what follows) is not a target
+        lo, hi = len(metrics.encode(tokenizer, f"{ex.prompt} {truth} ; ")), len(full)
+    return [-t - 1 if lo <= i < hi else t for i, t in enumerate(full)]
+
+
 def encode_mix(tokenizer: Any, cfg: TrainConfig) -> dict[str, list[list[int]]]:
-    """Token ids (BOS first, as `metrics.encode` gives them) of each domain's train split."""
+    """Token ids (BOS first, as `metrics.encode` gives them) of each domain's train split.
+
+    A key `arithlogic:arith` (or `:logic`) is the two-skill task with only that half's answer
+    as a target (`_one_half`): an expert learns its skill inside the composite prompt.
+    """
     out = {}
-    for domain, share in cfg.mix.items():
-        if share > 0:
-            texts = [e.text for e in corpora.load(domain, cfg.examples_per_domain, "train")]
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # as metrics.encode
-            out[domain] = [bos + row[: cfg.max_len - 1] for row in ids]
+    for key, share in cfg.mix.items():
+        if share <= 0:
+            continue
+        domain, _, half = key.partition(":")
+        examples = corpora.load(domain, cfg.examples_per_domain, "train")
+        if half:
+            out[key] = [_one_half(tokenizer, e, half, cfg.max_len) for e in examples]
+            continue
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
+        out[key] = [bos + row[: cfg.max_len - 1] for row in ids]  # as metrics.encode
     return out
 
 
@@ -72,13 +95,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean next-token loss; an id stored as `-(id + 1)` is input but not a target."""
     width = max(len(b) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, b in enumerate(batch):
-        ids[row, : len(b)] = torch.tensor(b)
+        t = torch.tensor(b)
+        ids[row, : len(b)] = torch.where(t < 0, -t - 1, t)
+        labels[row, : len(b)] = torch.where(t < 0, -100, t)
         mask[row, : len(b)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss  # type: ignore[no-any-return]
 
 
