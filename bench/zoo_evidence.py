@@ -120,7 +120,8 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     lam = max(uniform, key=lambda k: uniform[k])
     print(f"uniform search-half objective: {uniform} -> best lambda {lam}", flush=True)
     res = cma_search(objective, np.full((n_exp, groups), lam), args.sigma, args.generations,
-                     args.popsize, args.seed, log=lambda m: print(m, flush=True))  # fmt: skip
+                     args.popsize, args.seed, (0.0, args.max_weight),
+                     log=lambda m: print(m, flush=True))  # fmt: skip
     test["uniform"] = zoo.score(np.full((n_exp, groups), lam), "test", em=True)
     test["searched"] = zoo.score(res.best, "test", em=True)
     for name in ("uniform", "searched"):
@@ -225,6 +226,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=6)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.2)
+    ap.add_argument("--max-weight", type=float, default=1.5, help="upper bound of a weight")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fuse-steps", type=int, default=120)
     ap.add_argument("--fuse-lr", type=float, default=1e-3)
