@@ -58,16 +58,20 @@ class Zoo:
         return score_dir(self.merged(weights), DOMAINS, n, half, em)  # type: ignore[arg-type]
 
 
+TWO_SKILL_WEIGHT = [1.0]  # weight of the two-skill term in the objective (`--two-skill-weight`)
+
+
 def mean_retention(scores: dict[str, Score], best: dict[str, Score]) -> float:
     """The search objective: per domain, the share of the best expert's score kept (bits per
     byte for texts, answer accuracy for tasks, both halves right for the two-skill task),
-    averaged over the domains.
+    averaged over the domains (the two-skill term weighted by `TWO_SKILL_WEIGHT`).
     """
     kept = retention(scores, best, "skill")
     mine, ref = scores["arithlogic"].parts, best["arithlogic"].parts
     assert mine is not None and ref is not None
     kept["arithlogic"] = mine[2] / max(ref[2], 1e-9)
-    return float(np.mean(list(kept.values())))
+    weights = {d: TWO_SKILL_WEIGHT[0] if d == "arithlogic" else 1.0 for d in kept}
+    return sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
 
 
 def best_expert(expert_scores: dict[str, dict[str, Score]]) -> dict[str, Score]:
@@ -226,6 +230,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=6)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.2)
+    ap.add_argument("--two-skill-weight", type=float, default=1.0, help="in the objective")
     ap.add_argument("--max-weight", type=float, default=1.5, help="upper bound of a weight")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fuse-steps", type=int, default=120)
@@ -235,6 +240,7 @@ def main() -> None:
     ap.add_argument("--skip", choices=["merge", "fusion"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    TWO_SKILL_WEIGHT[0] = args.two_skill_weight
     zoo_dir = args.zoo or default_dir()
     root = Path((load_manifest(zoo_dir) or build(zoo_dir))["root"])  # any complete zoo will do
     with tempfile.TemporaryDirectory(prefix="zoo-evidence-") as tmp:
