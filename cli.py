@@ -890,7 +890,11 @@ def dashboard_cmd(
 def eval_cmd(
     model: Annotated[Path, typer.Argument(help="A model directory (safetensors + tokenizer).")],
     domains: Annotated[
-        str, typer.Option(help="Comma-separated: arithmetic,logic,python,prose.")
+        str,
+        typer.Option(
+            help="Comma-separated: arithmetic,logic,python,prose; also arithlogic (the two-skill "
+            "task) and arithmetic2,logic64 (two-digit sums, 64 expressions: for real models)."
+        ),
     ] = "arithmetic,logic,python,prose",
     n: Annotated[int, typer.Option(help="Held-out examples per domain.")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,

@@ -24,7 +24,7 @@ import torch
 
 from node.eval import corpora, metrics
 
-DOMAINS = ("arithmetic", "logic", "python", "prose")
+DOMAINS = ("arithmetic2", "logic64", "python", "prose")  # session 1's generators (corpora.py)
 UNODE = str(Path(sys.executable).with_name("unode"))
 
 
@@ -34,9 +34,9 @@ def log(msg: str) -> None:
 
 def _records(domain: str, n: int, rng: random.Random) -> list[dict[str, str]]:
     """Instruction–response records from a domain's train split (never its held-out split)."""
-    if domain in ("arithmetic", "logic"):
+    if domain in ("arithmetic2", "logic64"):
         tasks = corpora.load(domain, 6 * n, "train")
-        what = "sums and differences" if domain == "arithmetic" else "boolean expressions"
+        what = "sums and differences" if domain == "arithmetic2" else "boolean expressions"
         return [
             {"instruction": f"Solve these {what}, one per line.",
              "response": "".join(t.text for t in tasks[6 * i : 6 * i + 6])}
@@ -178,7 +178,7 @@ def main() -> None:
     print(f"{'model':<30} " + " ".join(f"{d:>11}" for d in DOMAINS) + f" {'mean':>7}  EM a/l")
     for name, r in rows.items():
         b = [r[d]["bits_per_byte"] for d in DOMAINS]
-        em = "/".join(f"{r[d]['exact_match']:.2f}" for d in ("arithmetic", "logic"))
+        em = "/".join(f"{r[d]['exact_match']:.2f}" for d in ("arithmetic2", "logic64"))
         print(f"{name:<30} " + " ".join(f"{x:>11.4f}" for x in b) + f" {np.mean(b):>7.4f}  {em}")
     print("timings (s, under load):", json.dumps({k: round(v, 1) for k, v in t.items()}))
 

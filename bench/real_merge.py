@@ -28,8 +28,8 @@ from node.zoo.scores import Score, score_dir, score_model
 from node.zoo.search import cma_search, layer_recipe, retention
 from node.zoo.train import TrainConfig, train
 
-DOMAINS = ("arithmetic", "logic", "python", "prose")
-EXPERTS = {"reasoning": {"arithmetic": 0.5, "logic": 0.5}, "python": {"python": 1.0}}
+DOMAINS = ("arithmetic2", "logic64", "python", "prose")  # session 1's generators (corpora.py)
+EXPERTS = {"reasoning": {"arithmetic2": 0.5, "logic64": 0.5}, "python": {"python": 1.0}}
 
 
 def log(msg: str) -> None:
@@ -225,7 +225,7 @@ def table(rows: dict[str, dict[str, Any]]) -> None:
     for name, s in rows.items():
         bpbs = [s[d]["bits_per_byte"] for d in DOMAINS]
         cells = " ".join(f"{b:>12.4f}" for b in bpbs)
-        acc = [s[d]["answer_accuracy"] for d in ("arithmetic", "logic")]
+        acc = [s[d]["answer_accuracy"] for d in ("arithmetic2", "logic64")]
         print(f"{name:<22} {cells} {np.mean(bpbs):>9.4f}  {acc[0]:.3f}, {acc[1]:.3f}")
 
 

@@ -152,7 +152,47 @@ GENERATORS = {
     "prose": prose,
     "arithlogic": arithlogic,
 }
-TWO_SKILL_DOMAINS = ("arithlogic",)  # not in DOMAINS: `unode eval`'s default stays the four
+TWO_SKILL_DOMAINS = ("arithlogic",)
+
+# Session 1's reasoning generators, kept under their own names: the real-model figures
+# (bench/real_*.py, docs/real-models.md) were measured on them, and two-digit sums suit
+# pretrained models better than the zoo's single-digit facts. Same seeds, same texts as then.
+
+
+def arithmetic2(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
+    """Two-operand additions and subtractions below 100: `Q: 47+38= A: 85`."""
+    rng, out = random.Random(f"arith/{seed}"), list[Example]()
+    while len(out) < n:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice("+-")
+        if op == "-" and b > a:
+            a, b = b, a
+        prompt = f"Q: {a}{op}{b}="
+        if _split_of(prompt) == split:
+            out.append(_task("arithmetic2", prompt, f"A: {a + b if op == '+' else a - b}"))
+    return out
+
+
+def logic64(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
+    """Boolean expressions with one optional `not` in front (64 of them): `L: not T or F = F`."""
+    rng, out = random.Random(f"logic/{seed}"), list[Example]()
+    while len(out) < n:
+        x, y, z = (rng.choice("TF") for _ in range(3))
+        op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
+        neg = rng.choice(["", "not "])
+        a, b, c = ((v == "T") != (i == 0 and neg != "") for i, v in enumerate((x, y, z)))
+        if op1 == op2:
+            value = (a and b and c) if op1 == "and" else (a or b or c)
+        else:
+            value = ((a and b) or c) if op1 == "and" else (a or (b and c))
+        prompt = f"L: {neg}{x} {op1} {y} {op2} {z} ="
+        if _split_of(prompt) == split:
+            out.append(_task("logic64", prompt, "T" if value else "F"))
+    return out
+
+
+GENERATORS["arithmetic2"] = arithmetic2
+GENERATORS["logic64"] = logic64  # not in DOMAINS: `unode eval`'s default stays the four
 
 
 def load(domain: str, n: int, split: Split = "train") -> list[Example]:
