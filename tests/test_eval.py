@@ -71,3 +71,19 @@ def test_exact_match_scores_the_greedy_answer(llama_family: Any) -> None:
     wrong = corpora.Example("arithmetic", "", prompt=prompt, answer=greedy[:2] + "\u2603")
     assert metrics.exact_match(model, tok, [right]) == 1.0
     assert metrics.exact_match(model, tok, [wrong]) == 0.0
+
+
+@pytest.mark.parametrize("domain", ["logic", "logic64"])
+def test_logic_answers_are_pythons_truth_values(domain: str) -> None:
+    for ex in corpora.load(domain, 60) + corpora.load(domain, 20, "heldout"):
+        expr = ex.prompt.removeprefix("L: ").removesuffix(" =")
+        value = eval(expr.replace("T", "True").replace("F", "False"))  # our own generated text
+        assert ex.answer == ("T" if value else "F"), ex.text
+
+
+def test_two_digit_arithmetic_answers_are_right() -> None:
+    for ex in corpora.load("arithmetic2", 60) + corpora.load("arithmetic2", 20, "heldout"):
+        expr = ex.prompt.removeprefix("Q: ").removesuffix("=")
+        a, op, b = expr.partition("+") if "+" in expr else expr.partition("-")
+        value = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert ex.answer == f"A: {value}" and 0 <= value < 199, ex.text
