@@ -87,3 +87,27 @@ def test_two_digit_arithmetic_answers_are_right() -> None:
         a, op, b = expr.partition("+") if "+" in expr else expr.partition("-")
         value = int(a) + int(b) if op == "+" else int(a) - int(b)
         assert ex.answer == f"A: {value}" and 0 <= value < 199, ex.text
+
+
+def test_answer_start_with_a_byte_level_bpe_that_folds_the_space() -> None:
+    """GPT-2-style tokenizers turn `= T` into `=` + `ĠT`: the answer starts at `ĠT`, not one
+    token later (the old `len(encode(prompt + " "))` skipped the whole logic answer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from node.eval.metrics import encode
+    from node.zoo.scores import answer_start
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [e.text for e in corpora.load("logic", 300) + corpora.load("arithmetic2", 300)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    for ex in corpora.load("logic", 20, "heldout") + corpora.load("arithmetic2", 20, "heldout"):
+        full = encode(fast, ex.text.rstrip("\n"))
+        start = answer_start(fast, ex, full)
+        assert fast.decode(full[start:]).strip() == ex.answer, (ex.text, start)
+        assert fast.decode(full[1:start]).strip() == ex.prompt

@@ -43,6 +43,19 @@ def heldout(domain: str, n: int, half: Half) -> list[corpora.Example]:
 
 
 @torch.no_grad()
+def answer_start(tokenizer: Any, ex: corpora.Example, full: list[int] | None = None) -> int:
+    """Index of the first answer token in the example's tokens. Where the prompt's tokens are a
+    prefix of the text's (the zoo's tokenizer), that is the prompt's length; byte-level BPEs
+    (GPT-2, SmolLM2) and SentencePiece fold the space into the answer's first token (`" T"`), so
+    the answer starts where the two encodings part."""
+    full = full if full is not None else metrics.encode(tokenizer, ex.text.rstrip("\n"))
+    prompt = metrics.encode(tokenizer, ex.prompt + " ")
+    same = next(
+        (i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt)
+    )
+    return max(1, min(len(prompt), same, len(full) - 1))
+
+
 def answer_hits(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> list[list[bool]]:
     """Per example, whether each answer token is predicted exactly (argmax) given the true
     prefix (teacher-forced).
@@ -51,7 +64,7 @@ def answer_hits(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> 
     rows = []
     for ex in examples:
         full = metrics.encode(tokenizer, ex.text.rstrip("\n"))
-        rows.append((full, len(metrics.encode(tokenizer, ex.prompt + " "))))
+        rows.append((full, answer_start(tokenizer, ex, full)))
     out: list[list[bool]] = []
     for i in range(0, len(rows), 64):
         chunk = rows[i : i + 64]
@@ -83,7 +96,7 @@ def two_skill_parts(
     arith = logic = both = 0
     for ex, ok in zip(examples, hits, strict=True):
         _, truth = corpora.two_skill_parts(ex.answer)
-        start = len(metrics.encode(tokenizer, ex.prompt + " "))
+        start = answer_start(tokenizer, ex)
         n_truth = len(metrics.encode(tokenizer, f"{ex.prompt} {truth}")) - start
         n_head = len(metrics.encode(tokenizer, f"{ex.prompt} {truth} ; ")) - start
         a, lg = all(ok[n_head:]), all(ok[:n_truth])
