@@ -294,3 +294,15 @@ def test_combined_loss_matches_the_simple_one_in_value_and_gradient() -> None:
     g_fused = torch.autograd.grad(fused, logits)[0]
     assert torch.allclose(g_simple, g_fused, atol=1e-6)
     assert (g_fused[:, -1] == 0).all()  # the last position predicts nothing
+
+
+def test_text_records_are_taken_as_they_are(tmp_path: Path) -> None:
+    from node.fusion.corpus import load_corpus
+
+    path = tmp_path / "c.jsonl"
+    lines = [{"text": "Q: 7*8= A: 56\n"}, {"instruction": "Add", "response": "5", "text": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plain, templated = load_corpus(path)
+    assert plain.text == "Q: 7*8= A: 56\n" and plain.response_start == 0
+    assert templated.text.startswith("### Instruction:\nAdd") and templated.text.endswith("5")
+    assert templated.text[templated.response_start :] == "5"

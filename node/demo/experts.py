@@ -94,8 +94,8 @@ def zoo_models(root: Path, say: Say) -> DemoModels:
         target=Expert(target, zoo / target, "general"),
         domains=(*corpora.DOMAINS, *corpora.TWO_SKILL_DOMAINS),
         eval_n=64,
-        em_n=32,
-        merge_weight=0.4,
+        em_n=40,
+        merge_weight=0.8,  # best uniform λ on the zoo's search half (docs/zoo.md)
     )
 
 

@@ -97,32 +97,29 @@ def search_round(
 
 
 def fusion_corpus(models: DemoModels, out: Path) -> Path:
-    """Quick: the toy instruction corpus; zoo: training items of every evaluation domain, as
-    instruction-response pairs (a task's prompt and answer; a text's first third and the rest)."""
+    """Quick: the toy instruction corpus; zoo: training texts of every evaluation domain as
+    plain-text records (an instruction template would teach the target another format)."""
     from node.eval import corpora
     from node.fusion.corpus import write_toy_corpus
 
     path = out.with_suffix(".jsonl")
     if models.kind == "quick":
         return write_toy_corpus(path, n=12, max_chars=120)
-    records = []
+    records = []  # plain-text records: the texts in the format the evaluation reads them
     for d in models.domains:
-        for e in corpora.load(d, 24, "train"):
-            cut = len(e.text) // 3
-            pair = (e.prompt, e.answer) if e.answer else (e.text[:cut], e.text[cut:])
-            records.append({"instruction": pair[0], "response": pair[1]})
+        records += [{"text": e.text} for e in corpora.load(d, 24, "train")]
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
 
 
 def fusion_round(swarm: Swarm, models: DemoModels, ids: dict[str, str]) -> RoundResult:
     corpus = fusion_corpus(models, swarm.root / "fusion-corpus")
-    steps, lr = ("2", "1e-4") if models.kind == "quick" else ("40", "1e-3")
+    steps, lr = ("2", "1e-4") if models.kind == "quick" else ("40", "3e-4")
     args = ["round", "fuse", "--target", ids[models.target.name]]
     for e in models.experts:
         args += ["--sources", ids[e.name]]
     args += ["--corpus", str(corpus), "--shards", "2", "--max-steps", steps, "--lr", lr]
-    args += ["--lam", "0.5", "--wait", "--timeout", "1200"]
+    args += ["--lam", "0.9", "--wait", "--timeout", "1200"]
     t0 = time.perf_counter()
     out = swarm.run_json(args, 1260)
     expert = swarm.wait_expert(out["round_id"])

@@ -1,4 +1,5 @@
-"""The fusion corpus: instruction–response jsonl or plain text, its hash, and a toy generator.
+"""The fusion corpus: instruction–response jsonl (or `{"text": ...}` records), plain text, its hash,
+and a toy generator.
 
 Every model that summarises the corpus and the target that trains on it see the same texts
 in the same order; `response_start` marks where the response begins (for response-only loss).
@@ -32,6 +33,8 @@ def corpus_sha256(path: Path) -> str:
 def _from_record(rec: object, line_no: int, path: Path) -> Example:
     if not isinstance(rec, dict):
         raise UserError(f"corpus {path} line {line_no}", rec, "each line must be a JSON object")
+    if isinstance(rec.get("text"), str) and "instruction" not in rec and "prompt" not in rec:
+        return Example(rec["text"], 0)  # plain text (pretraining-style records): no template
     instruction = rec.get("instruction", rec.get("prompt"))
     response = rec.get("response", rec.get("output"))
     if not isinstance(instruction, str) or not isinstance(response, str):

@@ -161,8 +161,11 @@ async def collect(
     timeout: float,
 ) -> list[float]:
     """Comparable mean score per candidate once `scorers` peers scored each (see
-    `comparable_means`; inf for a candidate not scored in time)."""
+    `comparable_means`; inf for a candidate not scored in time). A scorer publishes one record
+    per domain, so the answer is taken only when two reads a second apart agree: otherwise a
+    read between a scorer's records would judge the generation on part of its domains."""
     deadline = time.monotonic() + timeout
+    last: list[Scored] | None = None
     while True:
         got = await asyncio.gather(
             *(records.scores(session.dht, network, rid, candidate_id(c)) for c in cands)
@@ -170,8 +173,9 @@ async def collect(
         scored = [{(v.envelope.owner, v.record.domain): v.record.value for v in f} for f in got]
         late = time.monotonic() > deadline
         means = comparable_means(scored, scorers, final=late)
-        if means is not None:
+        if means is not None and (late or scored == last):
             return means
+        last = scored if means is not None else None
         await asyncio.sleep(1.0)
 
 
