@@ -81,7 +81,7 @@ def zoo_models(root: Path, say: Say) -> DemoModels:
     zoo = root / "zoo"
     manifest = load_manifest(zoo)
     if manifest is None or "experts" not in manifest:
-        say(f"no built zoo in {zoo}: building it (about 5 min on an idle 2-core machine)")
+        say(f"no built zoo in {zoo}: building it (about 10 min on 2 cores)")
         manifest = build(zoo, log=lambda m: say(f"zoo: {m}"), progress=False)
     experts = tuple(
         Expert(name, zoo / name, _card_domain(zoo / name)) for name in sorted(manifest["experts"])
