@@ -59,6 +59,28 @@ def test_bits_per_byte_matches_the_model_loss(llama_family: Any) -> None:
     assert metrics.bits_per_byte(model, tok, texts) == pytest.approx(pooled, rel=1e-4)
 
 
+def test_bits_per_byte_splits_batches_whose_logits_pass_the_budget(
+    llama_family: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large vocabulary runs a few rows at a time, to the same figure."""
+    tok = AutoTokenizer.from_pretrained(llama_family.base)
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]
+    texts = [e.text for e in corpora.load("prose", 6, "heldout")]
+    whole = metrics.bits_per_byte(model, tok, texts)
+    rows_seen: list[int] = []
+    forward = model.forward
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        rows_seen.append(int(kw["input_ids"].shape[0]))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", counting)
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", 1)  # below one row: one row per pass
+    split = metrics.bits_per_byte(model, tok, texts)
+    assert rows_seen == [1] * len(texts)
+    assert split == pytest.approx(whole, rel=1e-5)
+
+
 def test_exact_match_scores_the_greedy_answer(llama_family: Any) -> None:
     tok = AutoTokenizer.from_pretrained(llama_family.base)
     model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]
@@ -105,7 +127,7 @@ def test_answer_start_with_a_byte_level_bpe_that_folds_the_space() -> None:
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    fast: Any = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")  # type: ignore[no-untyped-call]
     for ex in corpora.load("logic", 20, "heldout") + corpora.load("arithmetic2", 20, "heldout"):
         full = encode(fast, ex.text.rstrip("\n"))
         start = answer_start(fast, ex, full)

@@ -30,26 +30,39 @@ def encode(tokenizer: Any, text: str, max_len: int = 256) -> list[int]:
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
 
+LOGITS_BUDGET = 1 << 29  # bytes of fp32 logits one forward pass may hold (large vocabularies)
+
+
 @torch.no_grad()
 def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> float:
-    """Total negative log-likelihood in bits over total UTF-8 bytes of the texts."""
+    """Total negative log-likelihood in bits over total UTF-8 bytes of the texts. A batch whose
+    logits would pass LOGITS_BUDGET (a 262k vocabulary: 268 MB a row at 256 tokens) is run a
+    few rows at a time; small vocabularies keep the batch whole."""
     nll_nats, n_bytes = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vocab = int(model.get_output_embeddings().weight.shape[0])
     for i in range(0, len(texts), batch_size):
         batch = [encode(tokenizer, t) for t in texts[i : i + batch_size]]
         width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, b in enumerate(batch):
-            ids[row, : len(b)] = torch.tensor(b)
-            mask[row, : len(b)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:]
-        token_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        nll_nats += float((token_nll * mask[:, 1:]).sum())
+        rows = max(1, min(len(batch), LOGITS_BUDGET // (width * vocab * 4)))
+        for j in range(0, len(batch), rows):
+            nll_nats += _batch_nll(model, batch[j : j + rows], pad)
         n_bytes += sum(len(t.encode("utf-8")) for t in texts[i : i + batch_size])
     return nll_nats / math.log(2) / max(n_bytes, 1)
+
+
+def _batch_nll(model: Any, batch: list[list[int]], pad: int) -> float:
+    """Summed next-token NLL (nats) of right-padded sequences."""
+    width = max(len(b) for b in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, b in enumerate(batch):
+        ids[row, : len(b)] = torch.tensor(b)
+        mask[row, : len(b)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    token_nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return float((token_nll * mask[:, 1:]).sum())
 
 
 @torch.no_grad()
