@@ -3,9 +3,11 @@ data, and a proposer signs with its own key where the network is allowlisted."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ def test_deadline_judges_on_the_busiest_scorer_and_fails_the_rest() -> None:
 
 ALICE = Identity.from_seed(b"A" * 32)
 BOB = Identity.from_seed(b"B" * 32)
+CAROL = Identity.from_seed(b"C" * 32)
 
 
 def _private_net(tmp: Path, members: list[Identity], key: Path | None, peers: list[str]) -> Any:
@@ -105,3 +108,46 @@ def test_bad_proposer_key_is_one_line_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--key" in lines[0] and str(bad) in lines[0], lines
+
+
+# --- the fusion trainer's slot -------------------------------------------------------------
+
+
+def test_a_strangers_result_on_the_training_slot_is_ignored() -> None:
+    """Only hosts of the target count on the training slot: a signed result from a peer that
+    does not announce the target must not stop the hosts from training."""
+    from types import SimpleNamespace
+
+    from node.network import dhtrecords
+    from node.rounds import records
+    from node.rounds.elect import TrainerSlot
+    from protocol.keys import dht_key
+    from protocol.records import PeerRecord
+    from protocol.signing import sign_record
+    from protocol.validators import unode_validators
+
+    net, rid, target = "elect", b"\x01" * 32, b"\x02" * 32
+    dht = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=unode_validators(net)
+    )
+    try:
+        host = SimpleNamespace(dht=dht, identity=ALICE, network=net)
+
+        carol = SimpleNamespace(dht=dht, identity=CAROL, network=net)
+
+        async def run() -> list[tuple[str, bytes | None]]:
+            # ALICE announces the target; BOB hosts nothing and publishes a "result" anyway
+            alice = PeerRecord(ALICE.peer_id, ("/ip4/127.0.0.1/tcp/1",), (target,), "t")
+            peers = sign_record(ALICE, dht_key(net, "peers"), alice, expiration=time.time() + 300)
+            await dhtrecords.put(dht, peers)
+            await records.result(dht, BOB, net, rid, 3, b"\x09" * 32, 1)
+            seen = [await TrainerSlot(host, rid, 3, 30.0, target).elect()]
+            await TrainerSlot(host, rid, 3, 30.0, target).finish(b"\x07" * 32, 5)
+            seen.append(await TrainerSlot(carol, rid, 3, 30.0, target).elect())
+            return seen
+
+        mine, carols = asyncio.run(run())
+        assert mine == ("mine", ALICE.public_key)  # claimed and won despite BOB's result
+        assert carols == ("done", ALICE.public_key)  # a host's result ends it for the others
+    finally:
+        dht.shutdown()

@@ -17,7 +17,7 @@ from node.errors import UserError
 from node.network import discovery
 from node.network.config import NetworkConfig
 from node.network.fetch import FetchReport, Progress, check_out_dir, fetch_expert
-from node.network.process import descendant_pids, kill_all
+from node.network.process import descendant_pids, kill_new_descendants
 from node.network.session import Session, run_async
 from protocol.validators import unode_validators
 
@@ -34,13 +34,14 @@ def with_session(net: NetworkConfig, work: Callable[[Session], Awaitable[T]]) ->
             "pass the multiaddr a running `unode join` printed, or set UNODE_INITIAL_PEERS",
             problem="no peer to ask",
         )
+    before = descendant_pids(os.getpid())
     session = Session(net, persistent=False, validators=unode_validators(net.network))
     session.start()
     try:
         return run_async(_run_closing(session, work))
     finally:
         session.stop()
-        kill_all(descendant_pids(os.getpid()), wait=2.0)  # hivemind's torch_shm_manager
+        kill_new_descendants(before)  # its DHT, p2pd and hivemind's torch_shm_manager
 
 
 async def _run_closing(session: Session, work: Callable[[Session], Awaitable[T]]) -> T:

@@ -105,3 +105,11 @@ class NodeDHT(hivemind.DHT):  # type: ignore[misc]  # hivemind is untyped
         kill_all([*below, *([self.pid] if self.pid else [])], wait=2.0)
         if self.pid:
             self.join(1.0)
+
+
+def kill_new_descendants(before: Iterable[int], wait: float = 2.0) -> None:
+    """Stop the processes below this one that are not in `before`: what a one-shot session
+    started (its DHT, p2pd, and hivemind's torch_shm_manager when it was started for it), but
+    not what was already running when it began (a test runner's own shared-memory manager)."""
+    old = set(before)
+    kill_all([p for p in descendant_pids(os.getpid()) if p not in old], wait=wait)

@@ -2,7 +2,9 @@
 model), so they elect one: each claims the slot after the last unit (index = number of units);
 the earliest live claim trains, renews its claim while it does (training can outlast the claim's
 ttl), and publishes the fused expert's id as the slot's result. The others stop when they see
-that result; if the trainer dies, its claim expires and the next host takes over.
+that result; if the trainer dies, its claim expires and the next host takes over. Claims and
+results count only from peers that announce the target (and this node): a stranger cannot stop
+the hosts by publishing a result on the slot.
 """
 
 from __future__ import annotations
@@ -18,9 +20,19 @@ from node.rounds import records
 class TrainerSlot:
     """The training slot of round `rid` as seen by `node` (a joined node with dht, identity)."""
 
-    def __init__(self, node: Any, rid: bytes, slot: int, ttl: float) -> None:
-        self.node, self.rid, self.slot, self.ttl = node, rid, slot, ttl
+    def __init__(self, node: Any, rid: bytes, slot: int, ttl: float, target: bytes) -> None:
+        self.node, self.rid, self.slot, self.ttl, self.target = node, rid, slot, ttl, target
         self.me: bytes = node.identity.public_key
+
+    async def _strangers(self, view: records.UnitView) -> set[bytes]:
+        """Owners of claims or results on the slot that do not announce the target."""
+        from node.network.discovery import find_providers
+
+        hosts = {
+            p.peer_id for p in await find_providers(self.node.dht, self.node.network, self.target)
+        }
+        hosts.add(records.peer_of(self.me))
+        return {o for o in (*view.claims, *view.results) if records.peer_of(o) not in hosts}
 
     async def _view(self) -> records.UnitView:
         return await records.unit_view(self.node.dht, self.node.network, self.rid, self.slot)
@@ -33,12 +45,15 @@ class TrainerSlot:
         """("done", trainer) once a trainer published; ("mine", me) if this node trains;
         ("other", holder) while another host holds the slot."""
         view = await self._view()
-        if view.results:
-            return "done", min(view.results)
-        holder = view.holder(set())
+        strangers = await self._strangers(view)
+        done = sorted(o for o in view.results if o not in strangers)
+        if done:
+            return "done", done[0]
+        holder = view.holder(strangers)
         if holder is None:
             await self._claim()
-            holder = (await self._view()).holder(set())
+            view = await self._view()
+            holder = view.holder(strangers | await self._strangers(view))
         return ("mine" if holder == self.me else "other"), holder
 
     @contextlib.asynccontextmanager

@@ -90,6 +90,9 @@ class FuseRun:
                         u,
                         self.spec.claim_ttl,
                     )
+                    view = await records.unit_view(self.node.dht, self.node.network, self.rid, u)
+                    if view.holder(self.bad) not in (None, self.me):
+                        continue  # another host claimed it first: no duplicate work
                 await self._summarize(u)
                 return
         if self.plan["target"] in self.local and all(r is not None for r in results.values()):
@@ -184,7 +187,8 @@ class FuseRun:
         return out
 
     async def _train(self, results: dict[int, tuple[bytes, list[bytes]]]) -> None:
-        slot = TrainerSlot(self.node, self.rid, len(self.spec.units), self.spec.claim_ttl)
+        target = bytes.fromhex(self.plan["target"])
+        slot = TrainerSlot(self.node, self.rid, len(self.spec.units), self.spec.claim_ttl, target)
         state, who = await slot.elect()
         if state == "done":
             self.done = True

@@ -24,7 +24,7 @@ from node.network import dhtrecords
 from node.network.config import NetworkConfig
 from node.network.discovery import list_experts
 from node.network.hosting import AGENT
-from node.network.process import descendant_pids, kill_all
+from node.network.process import descendant_pids, kill_new_descendants
 from node.network.service import BlobServer
 from node.network.session import Session, run_async
 from node.rounds import records
@@ -113,6 +113,7 @@ def with_identity_session(net: NetworkConfig, work: Callable[[Session, Path], Aw
             "pass the multiaddr a running `unode join` printed, or set UNODE_INITIAL_PEERS",
             problem="no peer to ask",
         )
+    before = descendant_pids(os.getpid())
     tmp = Path(tempfile.mkdtemp(prefix="unode-round-"))
     key_file = net.key_file or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
     if key_file is not None:
@@ -134,7 +135,7 @@ def with_identity_session(net: NetworkConfig, work: Callable[[Session, Path], Aw
         return run_async(main())
     finally:
         session.stop()
-        kill_all(descendant_pids(os.getpid()), wait=2.0)
+        kill_new_descendants(before)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
