@@ -99,7 +99,14 @@ def zoo_models(root: Path, say: Say) -> DemoModels:
     )
 
 
+def card_domains(model_dir: Path) -> list[str]:
+    """The domains a zoo model was trained for (its `zoo_card.json`); [] without a card."""
+    card = model_dir / "zoo_card.json"
+    if not card.is_file():
+        return []
+    return [str(d) for d in json.loads(card.read_text()).get("domains") or []]
+
+
 def _card_domain(model_dir: Path) -> str:
-    card = json.loads((model_dir / "zoo_card.json").read_text())
-    domains = card.get("domains") or ["general"]
-    return str(domains[-1])  # `code` is logic + python: python has the larger held-out split
+    domains = card_domains(model_dir) or ["general"]
+    return domains[-1]  # `code` is logic + python: python has the larger held-out split

@@ -18,7 +18,15 @@ from types import FrameType
 from typing import Any
 
 from node.demo import plot, steps, table
-from node.demo.experts import DemoModels, Expert, Say, quick_models, unode_home, zoo_models
+from node.demo.experts import (
+    DemoModels,
+    Expert,
+    Say,
+    card_domains,
+    quick_models,
+    unode_home,
+    zoo_models,
+)
 from node.demo.swarm import Swarm, check_home
 
 
@@ -47,16 +55,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _domains(e: Expert) -> list[str]:
-    """Every domain a zoo expert was trained for (its card), else the one it is announced under."""
-    import json
-
-    card = e.path / "zoo_card.json"
-    if e.domain == "general" or not card.is_file():
-        return []
-    return [str(d) for d in json.loads(card.read_text()).get("domains", [e.domain])]
-
-
 def start_nodes(swarm: Swarm, models: DemoModels, say: Say) -> None:
     """node0: base + fusion target; the experts spread over node1 and node2."""
     env = {"UNODE_EVAL_N": str(models.eval_n)}
@@ -71,7 +69,7 @@ def start_nodes(swarm: Swarm, models: DemoModels, say: Say) -> None:
         t0 = time.perf_counter()
         # a scorer judges search candidates on its own experts' domains, plus the two-skill
         # task where it hosts both halves' experts (the quick models have no such domains)
-        own = [d for e in hosted for d in _domains(e)]
+        own = [d for e in hosted for d in card_domains(e.path)]
         if models.kind == "zoo" and {"arithmetic", "logic"} <= set(own):
             own.append("arithlogic")
         swarm.start_node(name, hosted, {**env, "UNODE_EVAL_DOMAINS": ",".join(own)} if own else env)

@@ -59,6 +59,13 @@ def arithmetic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     return out
 
 
+def _truth(x: bool, op1: str, y: bool, op2: str, z: bool) -> bool:
+    """`x op1 y op2 z` under Python's precedence (`and` binds tighter than `or`)."""
+    if op1 == op2:
+        return (x and y and z) if op1 == "and" else (x or y or z)
+    return ((x and y) or z) if op1 == "and" else (x or (y and z))
+
+
 def _expression(rng: random.Random) -> tuple[str, str]:
     """Three T/F operands, each optionally negated, joined by and/or (256 expressions), and its
     value under Python's precedence (`not`, then `and`, then `or`).
@@ -67,10 +74,7 @@ def _expression(rng: random.Random) -> tuple[str, str]:
     names = [rng.choice("TF") for _ in range(3)]
     op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
     x, y, z = ((n == "T") != neg for n, neg in zip(names, negs, strict=True))
-    if op1 == op2:
-        value = (x and y and z) if op1 == "and" else (x or y or z)
-    else:  # `and` binds tighter than `or`
-        value = ((x and y) or z) if op1 == "and" else (x or (y and z))
+    value = _truth(x, op1, y, op2, z)
     t = [("not " if neg else "") + n for n, neg in zip(names, negs, strict=True)]
     return f"{t[0]} {op1} {t[1]} {op2} {t[2]}", "T" if value else "F"
 
@@ -181,10 +185,7 @@ def logic64(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
         op1, op2 = rng.choice(["and", "or"]), rng.choice(["and", "or"])
         neg = rng.choice(["", "not "])
         a, b, c = ((v == "T") != (i == 0 and neg != "") for i, v in enumerate((x, y, z)))
-        if op1 == op2:
-            value = (a and b and c) if op1 == "and" else (a or b or c)
-        else:
-            value = ((a and b) or c) if op1 == "and" else (a or (b and c))
+        value = _truth(a, op1, b, op2, c)
         prompt = f"L: {neg}{x} {op1} {y} {op2} {z} ="
         if _split_of(prompt) == split:
             out.append(_task("logic64", prompt, "T" if value else "F"))

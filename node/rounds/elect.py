@@ -24,15 +24,12 @@ class TrainerSlot:
         self.node, self.rid, self.slot, self.ttl, self.target = node, rid, slot, ttl, target
         self.me: bytes = node.identity.public_key
 
-    async def _strangers(self, view: records.UnitView) -> set[bytes]:
-        """Owners of claims or results on the slot that do not announce the target."""
+    async def _hosts(self) -> set[str]:
+        """Peer ids that announce the target, and this node's."""
         from node.network.discovery import find_providers
 
-        hosts = {
-            p.peer_id for p in await find_providers(self.node.dht, self.node.network, self.target)
-        }
-        hosts.add(records.peer_of(self.me))
-        return {o for o in (*view.claims, *view.results) if records.peer_of(o) not in hosts}
+        found = await find_providers(self.node.dht, self.node.network, self.target)
+        return {p.peer_id for p in found} | {records.peer_of(self.me)}
 
     async def _view(self) -> records.UnitView:
         return await records.unit_view(self.node.dht, self.node.network, self.rid, self.slot)
@@ -44,16 +41,20 @@ class TrainerSlot:
     async def elect(self) -> tuple[str, bytes | None]:
         """("done", trainer) once a trainer published; ("mine", me) if this node trains;
         ("other", holder) while another host holds the slot."""
+        hosts = await self._hosts()
+
+        def strangers(view: records.UnitView) -> set[bytes]:
+            return {o for o in (*view.claims, *view.results) if records.peer_of(o) not in hosts}
+
         view = await self._view()
-        strangers = await self._strangers(view)
-        done = sorted(o for o in view.results if o not in strangers)
+        done = sorted(o for o in view.results if o not in strangers(view))
         if done:
             return "done", done[0]
-        holder = view.holder(strangers)
+        holder = view.holder(strangers(view))
         if holder is None:
             await self._claim()
             view = await self._view()
-            holder = view.holder(strangers | await self._strangers(view))
+            holder = view.holder(strangers(view))
         return ("mine" if holder == self.me else "other"), holder
 
     @contextlib.asynccontextmanager

@@ -68,9 +68,9 @@ def check_packed(d: Path) -> None:
         for entry in mf["shards"]:
             arrays = load_file(str(d / Path(entry["file"]).name))
             check_shard(arrays, int(mf["vocab_size"]), int(mf["n_seqs"]))
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        if isinstance(err, SummaryContentError):
-            raise
+    except SummaryContentError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as err:  # an unreadable or odd directory
         raise SummaryContentError(f"{type(err).__name__}: {err}") from None
 
 
