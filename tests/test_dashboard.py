@@ -159,6 +159,10 @@ def n_params(model_dir: Path) -> int:
 
 def test_once_json_snapshot_matches_what_the_hosts_announced(net: Net, fetched: Path) -> None:
     snap = snapshot(net)
+    for _ in range(3):  # a stats call slower than its 5 s timeout (a loaded machine) gives None
+        if all(p["stats"] is not None for p in snap["peers"]):
+            break
+        snap = snapshot(net)
     assert snap["schema"] == "unode.dashboard/1" and snap["network"] == NETWORK
     assert abs(snap["taken_at"] - time.time()) < 120
     peers = {p["peer_id"]: p for p in snap["peers"]}

@@ -470,12 +470,16 @@ def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm)
     args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2]]
     args += ["--corpus", str(corpus), "--shards", "3", "--max-steps", "2", "--wait", "--json"]
     args += ["--network", swarm.network, "--initial-peers", swarm.nodes[0].maddr]
-    res = subprocess.run([UNODE, *args, "--timeout", "180"], capture_output=True, text=True,
-                         timeout=240, env={**os.environ, **FAST})  # fmt: skip
-    texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], swarm.nodes[2], liar))
-    assert res.returncode == 0, res.stderr[-2000:] + texts
-    rid = json.loads(res.stdout[res.stdout.index("{\n") :])["round_id"]
-    lied = liar.text().count(f"round {rid[:12]}: summarized shard")
+    for attempt in range(3):  # on a loaded machine the honest host may take every shard first
+        res = subprocess.run([UNODE, *args, "--name", f"fused-{attempt}", "--timeout", "180"],
+                             capture_output=True, text=True, timeout=240,
+                             env={**os.environ, **FAST})  # fmt: skip
+        texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], swarm.nodes[2], liar))
+        assert res.returncode == 0, res.stderr[-2000:] + texts
+        rid = json.loads(res.stdout[res.stdout.index("{\n") :])["round_id"]
+        lied = liar.text().count(f"round {rid[:12]}: summarized shard")
+        if lied >= 1:
+            break
     assert lied >= 1, liar.text()[-2000:]
     honest = swarm.nodes[2].text()
     # The liar's shards were either refused on content ("rejected unit", then summarized again)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from node.eval import corpora, metrics
 from node.zoo import build
 from node.zoo.build import _fresh, quick_config
 from node.zoo.tokenizer import tokenizer_corpus, train_zoo_tokenizer
-from node.zoo.train import _one_half, batch_loss
+from node.zoo.train import TrainConfig, _one_half, anchor_masks, batch_loss, encode_mix, train
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,53 @@ def test_an_expert_learns_only_its_half_of_the_two_skill_task(half: str, hidden:
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([full]), labels=labels).loss.item()
         assert batch_loss(model, [ids], tok.pad_token_id).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("skill", ["arith", "logic", ""])
+def test_hidden_anchor_covers_the_other_half_and_foreign_domains(skill: str) -> None:
+    tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
+    cfg = TrainConfig(mix={"arithlogic:arith": 1.0, "logic": 1.0, "arithmetic": 1.0}, steps=1,
+                      lr=1e-3, own=("arithmetic",), skill=skill, examples_per_domain=20)  # fmt: skip
+    data = encode_mix(tok, cfg)
+    masks = anchor_masks(tok, cfg, data)
+    assert all(not any(m) for m in masks["arithmetic"])  # own domain: free
+    assert all(all(m) for m in masks["logic"])  # foreign domain: kept
+    for ex, row, mask in zip(corpora.load("arithlogic", 20, "train"), data["arithlogic:arith"],
+                             masks["arithlogic:arith"], strict=True):  # fmt: skip
+        kept = tok.decode(
+            [abs(i) - (i < 0) for i, m in zip(row, mask, strict=True) if m],
+            skip_special_tokens=True,
+        )
+        expression = ex.prompt.split(";", 1)[1].strip()  # `not T or F and T =`
+        if skill == "arith":
+            assert kept.split() == expression.split()
+        elif skill == "logic":
+            assert expression not in kept and kept.split()[:2] == ["C:", ex.prompt.split()[1]]
+        else:
+            assert all(mask)
+
+
+def test_hidden_anchor_keeps_the_base_states_off_the_experts_data() -> None:
+    tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
+    base = _fresh("llama", len(tok), 32, 2, 0).eval()
+    prose = [e.text for e in corpora.load("prose", 8, "heldout")]
+    ids = [metrics.encode(tok, t, 64) for t in prose]
+    width = min(len(i) for i in ids)
+    batch = torch.tensor([i[:width] for i in ids])
+
+    def gap(anchor_hidden: float) -> float:
+        model = copy.deepcopy(base)
+        cfg = TrainConfig(mix={"arithmetic": 1.0, "prose": 1.0}, steps=40, lr=3e-3,
+                          own=("arithmetic",), anchor_hidden=anchor_hidden,
+                          examples_per_domain=200, tokens_per_batch=256)  # fmt: skip
+        train(model, tok, cfg, progress=False)
+        with torch.no_grad():
+            h = model(input_ids=batch, output_hidden_states=True).hidden_states[-2]
+            hb = base(input_ids=batch, output_hidden_states=True).hidden_states[-2]
+        return float(((h - hb) ** 2).sum(-1).mean() / (hb**2).sum(-1).mean())
+
+    free, kept = gap(0.0), gap(10.0)
+    assert kept < 0.5 * free, (kept, free)
 
 
 def test_cli_refuses_a_foreign_directory_with_exit_2(tmp_path: Path) -> None:

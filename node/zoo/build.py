@@ -40,6 +40,8 @@ class ExpertSpec:
     steps: int = 0  # 0: the config's `expert_steps`
     lr: float = 0.0  # 0: the config's `expert_lr`
     anchor_l2: float = -1.0  # < 0: the config's `anchor_l2`
+    skill: str = ""  # its half of the two-skill prompt: "arith", "logic" or "" (neither)
+    anchor_hidden: float = -1.0  # < 0: the config's `anchor_hidden`
 
     @property
     def domains(self) -> list[str]:
@@ -61,8 +63,8 @@ class HeteroSpec:
 
 
 EXPERTS = (
-    ExpertSpec("arith", {"arithmetic": 0.4, "arithlogic:arith": 0.6}),
-    ExpertSpec("code", {"logic": 0.3, "python": 0.2, "arithlogic:logic": 0.5}),
+    ExpertSpec("arith", {"arithmetic": 0.4, "arithlogic:arith": 0.6}, skill="arith"),
+    ExpertSpec("code", {"logic": 0.3, "python": 0.2, "arithlogic:logic": 0.5}, skill="logic"),
     # prose needs no new skill: gentle tuning keeps the task formats (lr 3e-3 breaks them)
     ExpertSpec("prose", {"prose": 1.0}, steps=150, lr=1e-3, anchor_l2=0.01),
 )
@@ -82,6 +84,7 @@ class ZooConfig:
     expert_steps: int = 800
     expert_lr: float = 3e-3
     anchor_l2: float = 0.001  # L2-SP strength toward the base during fine-tuning
+    anchor_hidden: float = 1.0  # keep the base's hidden states off the expert's own data
     replay: float = 0.2  # share of expert batches drawn from the base mix
     tokens_per_batch: int = 1024
     examples_per_domain: int = 6000  # train-split texts drawn per domain
@@ -171,7 +174,9 @@ def _build_homogeneous(
         mix = expert_mix(spec, cfg.replay)
         tcfg = _train_cfg(cfg, spec.name, mix, steps=steps, lr=spec.lr or cfg.expert_lr,
                           warmup=10, anchor_l2=cfg.anchor_l2 if spec.anchor_l2 < 0
-                          else spec.anchor_l2)  # fmt: skip
+                          else spec.anchor_l2, anchor_hidden=cfg.anchor_hidden
+                          if spec.anchor_hidden < 0 else spec.anchor_hidden,
+                          own=tuple(spec.domains), skill=spec.skill)  # fmt: skip
         train(model, tok, tcfg, bar)
         card = {"name": spec.name, "role": "expert", "domains": spec.domains, "mix": mix}
         _save(model, tok, tmp / spec.name, card)

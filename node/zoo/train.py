@@ -1,9 +1,13 @@
 """The zoo's training loop: deterministic mixed-domain batches, AdamW with warm-up and cosine
-decay, and an optional L2-SP pull toward an anchor model (gentle fine-tuning that merges well).
+decay, an optional L2-SP pull toward an anchor model, and an optional hidden-state anchor: on
+the positions that are not the expert's own (other domains, the other half of a two-skill
+prompt) the expert keeps the base's hidden states at every layer, so that two experts' deltas
+add without moving what the other's circuits read (the merges then keep both skills).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -27,6 +31,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this share of `lr`
     weight_decay: float = 0.0
     anchor_l2: float = 0.0  # L2-SP: + anchor_l2 * sum((w - w_anchor)^2) over all parameters
+    # hidden-state anchor: + anchor_hidden * (mean over anchored positions, summed over layers,
+    # of |h - h_base|^2 / mean |h_base|^2); `own` are the domains that are not anchored and
+    # `skill` ("arith", "logic" or "") the expert's half of the two-skill prompt
+    anchor_hidden: float = 0.0
+    own: tuple[str, ...] = ()
+    skill: str = ""
     tokens_per_batch: int = 1024  # short tasks get many examples per batch, prose few
     max_len: int = 192
     seed: int = 0
@@ -70,20 +80,56 @@ def encode_mix(tokenizer: Any, cfg: TrainConfig) -> dict[str, list[list[int]]]:
     return out
 
 
-def batches(data: Mapping[str, list[list[int]]], cfg: TrainConfig) -> Iterator[list[list[int]]]:
-    """One domain per batch (little padding), drawn by `mix` from a seeded generator."""
+def _logic_span(tokenizer: Any, ex: corpora.Example) -> range:
+    """Positions of a two-skill text that read the logic expression and predict its truth value
+    (`C: 7*8 ;` | `not T or F and T =` | `F ; 56`): position i predicts token i + 1."""
+    calc = ex.prompt.split(";")[0] + ";"
+    return range(len(metrics.encode(tokenizer, calc)), len(metrics.encode(tokenizer, ex.prompt)))
+
+
+def anchor_masks(tokenizer: Any, cfg: TrainConfig, data: Mapping[str, list[list[int]]]
+                 ) -> dict[str, list[list[bool]]]:  # fmt: skip
+    """Per row of `data`, the positions whose hidden states stay the base's: every position of a
+    domain that is not in `cfg.own`; in a two-skill text, the positions of the other half
+    (`skill` "arith": the logic span; "logic": everything else; "": all)."""
+    out = {}
+    for key, rows in data.items():
+        domain = key.partition(":")[0]
+        if domain != "arithlogic":
+            out[key] = [[domain not in cfg.own] * len(r) for r in rows]
+            continue
+        examples = corpora.load(domain, cfg.examples_per_domain, "train")
+        masks = []
+        for ex, row in zip(examples, rows, strict=True):
+            span = _logic_span(tokenizer, ex)
+            if cfg.skill == "arith":
+                masks.append([i in span for i in range(len(row))])
+            elif cfg.skill == "logic":
+                masks.append([i not in span for i in range(len(row))])
+            else:
+                masks.append([True] * len(row))
+        out[key] = masks
+    return out
+
+
+def batches(
+    data: Mapping[str, list[list[int]]], cfg: TrainConfig
+) -> Iterator[tuple[str, list[int]]]:
+    """One domain per batch (little padding), drawn by `mix` from a seeded generator: yields the
+    domain key and the rows' indices."""
     rng = random.Random(f"zoo-batches/{cfg.seed}/{cfg.label}")
     domains = sorted(data)
     weights = [cfg.mix[d] for d in domains]
     for _ in range(cfg.steps):
-        pool = data[rng.choices(domains, weights)[0]]
-        batch: list[list[int]] = []
+        key = rng.choices(domains, weights)[0]
+        pool = data[key]
+        batch: list[int] = []
         width = 0
         while (len(batch) + 1) * max(width, 1) <= cfg.tokens_per_batch or not batch:
-            ids = pool[rng.randrange(len(pool))]
-            batch.append(ids)
-            width = max(width, len(ids))
-        yield batch
+            i = rng.randrange(len(pool))
+            batch.append(i)
+            width = max(width, len(pool[i]))
+        yield key, batch
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -94,8 +140,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean next-token loss; an id stored as `-(id + 1)` is input but not a target."""
+def _tensors(
+    batch: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(b) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)  # (B, T)
@@ -105,7 +152,26 @@ def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
         ids[row, : len(b)] = torch.where(t < 0, -t - 1, t)
         labels[row, : len(b)] = torch.where(t < 0, -100, t)
         mask[row, : len(b)] = 1
+    return ids, labels, mask
+
+
+def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean next-token loss; an id stored as `-(id + 1)` is input but not a target."""
+    ids, labels, mask = _tensors(batch, pad_id)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss  # type: ignore[no-any-return]
+
+
+def hidden_pull(hidden: tuple[torch.Tensor, ...], base_hidden: tuple[torch.Tensor, ...],
+                anchored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Sum over layers of the mean, over anchored positions, of |h - h_base|^2 relative to the
+    batch's mean |h_base|^2 (embeddings excluded: layer outputs only)."""
+    real = mask.bool()
+    total = torch.zeros(())
+    for h, hb in zip(hidden[1:], base_hidden[1:], strict=True):  # (B, T, H) each
+        scale = (hb**2).sum(-1)[real].mean().clamp_min(1e-6)
+        gap = ((h - hb) ** 2).sum(-1) / scale  # (B, T)
+        total = total + (gap * anchored).sum() / anchored.sum()
+    return total
 
 
 def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -> list[float]:
@@ -113,6 +179,10 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     data = encode_mix(tokenizer, cfg)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.anchor_l2 else {}
+    frozen, masks = None, {}
+    if cfg.anchor_hidden:  # a frozen copy of the starting model gives the hidden states to keep
+        frozen = copy.deepcopy(model).eval()
+        masks = anchor_masks(tokenizer, cfg, data)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -123,16 +193,33 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
     model.train()
     losses: list[float] = []
     bar = tqdm(total=cfg.steps, desc=cfg.label, unit="step", disable=not progress, leave=False)
-    for step, batch in enumerate(batches(data, cfg)):
+    for step, (key, rows) in enumerate(batches(data, cfg)):
         for group in opt.param_groups:  # 1. schedule
             group["lr"] = lr_at(step, cfg)
-        loss = batch_loss(model, batch, tokenizer.pad_token_id)  # 2. language-model loss
+        ids, labels, mask = _tensors([data[key][i] for i in rows], tokenizer.pad_token_id)
+        has_target = bool((labels != -100).any())
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            labels=labels if has_target else None,
+            output_hidden_states=frozen is not None,
+        )  # 2. language-model loss
+        loss = out.loss if has_target else torch.zeros(())
         total = loss
-        if anchor:  # 3. L2-SP: stay near the anchor so experts share one basin
-            pull = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
-            total = loss + cfg.anchor_l2 * pull
+        if frozen is not None:  # 3. keep the base's hidden states where the data is not ours
+            anchored = torch.zeros(ids.shape)
+            for r, i in enumerate(rows):
+                anchored[r, : len(masks[key][i])] = torch.tensor(masks[key][i], dtype=torch.float)
+            if anchored.any():
+                with torch.no_grad():
+                    ref = frozen(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                pull = hidden_pull(out.hidden_states, ref.hidden_states, anchored, mask)
+                total = total + cfg.anchor_hidden * pull
+        if anchor:  # 4. L2-SP: stay near the anchor so experts share one basin
+            l2 = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+            total = total + cfg.anchor_l2 * l2
         opt.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[no-untyped-call]
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
