@@ -59,6 +59,7 @@ class Zoo:
 
 
 TWO_SKILL_WEIGHT = [1.0]  # weight of the two-skill term in the objective (`--two-skill-weight`)
+TASK_BPB: dict[str, float] = {}  # `--task-bpb`: task domain -> best expert's bits per byte
 
 
 def mean_retention(scores: dict[str, Score], best: dict[str, Score]) -> float:
@@ -71,6 +72,8 @@ def mean_retention(scores: dict[str, Score], best: dict[str, Score]) -> float:
     assert mine is not None and ref is not None
     kept["arithlogic"] = mine[2] / max(ref[2], 1e-9)
     weights = {d: TWO_SKILL_WEIGHT[0] if d == "arithlogic" else 1.0 for d in kept}
+    for d, ref_bpb in TASK_BPB.items():  # claim (a) also asks for task bits per byte kept
+        kept[f"{d}:bpb"], weights[f"{d}:bpb"] = ref_bpb / scores[d].bits_per_byte, 1.0
     return sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
 
 
@@ -113,9 +116,12 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
     for name, sc in test.items():
         print(fmt_row(name, sc), flush=True)
-    search_ref = best_expert(
-        {p.name: score_dir(p, DOMAINS, zoo.n_search, "search", em=False) for p in zoo.experts}
-    )
+    search_scores = {p.name: score_dir(p, DOMAINS, zoo.n_search, "search", em=False)
+                     for p in zoo.experts}  # fmt: skip
+    search_ref = best_expert(search_scores)
+    if args.task_bpb:
+        for d in ("arithmetic", "logic"):
+            TASK_BPB[d] = min(sc[d].bits_per_byte for sc in search_scores.values())
 
     def objective(w: np.ndarray) -> float:
         return mean_retention(zoo.score(w, "search", em=False), search_ref)
@@ -230,6 +236,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=6)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.2)
+    ap.add_argument("--task-bpb", action="store_true",
+                    help="add the arithmetic and logic bits per byte kept to the objective")  # fmt: skip
     ap.add_argument("--two-skill-weight", type=float, default=1.0, help="in the objective")
     ap.add_argument("--max-weight", type=float, default=1.5, help="upper bound of a weight")
     ap.add_argument("--seed", type=int, default=0)

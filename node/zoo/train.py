@@ -92,6 +92,8 @@ def anchor_masks(tokenizer: Any, cfg: TrainConfig, data: Mapping[str, list[list[
     """Per row of `data`, the positions whose hidden states stay the base's: every position of a
     domain that is not in `cfg.own`; in a two-skill text, the positions of the other half
     (`skill` "arith": the logic span; "logic": everything else; "": all)."""
+    if cfg.skill not in ("arith", "logic", ""):
+        raise ValueError(f"skill {cfg.skill!r}: use 'arith', 'logic' or '' (neither half)")
     out = {}
     for key, rows in data.items():
         domain = key.partition(":")[0]
