@@ -16,7 +16,15 @@ from node.eval import corpora, metrics
 from node.zoo import build
 from node.zoo.build import _fresh, quick_config
 from node.zoo.tokenizer import tokenizer_corpus, train_zoo_tokenizer
-from node.zoo.train import TrainConfig, _one_half, anchor_masks, batch_loss, encode_mix, train
+from node.zoo.train import (
+    TrainConfig,
+    _one_half,
+    anchor_masks,
+    batch_loss,
+    encode_mix,
+    output_pull,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +135,13 @@ def test_an_expert_learns_only_its_half_of_the_two_skill_task(half: str, hidden:
 def test_hidden_anchor_covers_the_other_half_and_foreign_domains(skill: str) -> None:
     tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
     cfg = TrainConfig(mix={"arithlogic:arith": 1.0, "logic": 1.0, "arithmetic": 1.0}, steps=1,
-                      lr=1e-3, own=("arithmetic",), skill=skill, examples_per_domain=20)  # fmt: skip
+                      lr=1e-3, own=("arithmetic",), skill=skill, examples_per_domain=20,
+                      anchor_foreign=3.0)  # fmt: skip
     data = encode_mix(tok, cfg)
     masks = anchor_masks(tok, cfg, data)
     assert all(not any(m) for m in masks["arithmetic"])  # own domain: free
-    assert all(all(m) for m in masks["logic"])  # foreign domain: kept
+    assert all(set(m) == {3.0} for m in masks["logic"])  # foreign domain: kept, its own weight
+    assert all(set(m) <= {0.0, 1.0} for m in masks["arithlogic:arith"])
     for ex, row, mask in zip(corpora.load("arithlogic", 20, "train"), data["arithlogic:arith"],
                              masks["arithlogic:arith"], strict=True):  # fmt: skip
         kept = tok.decode(
@@ -168,6 +178,17 @@ def test_hidden_anchor_keeps_the_base_states_off_the_experts_data() -> None:
 
     free, kept = gap(0.0), gap(10.0)
     assert kept < 0.5 * free, (kept, free)
+
+
+def test_output_anchor_is_the_weighted_kl_to_the_base() -> None:
+    torch.manual_seed(0)
+    base, mine = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    weights = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])
+    p, q = base.softmax(-1), mine.softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    expected = (kl[0, 0] + 2 * kl[0, 2] + kl[1, 2]) / 3
+    assert output_pull(mine, base, weights).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert output_pull(base, base, weights).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_cli_refuses_a_foreign_directory_with_exit_2(tmp_path: Path) -> None:

@@ -85,6 +85,8 @@ class ZooConfig:
     expert_lr: float = 3e-3
     anchor_l2: float = 0.001  # L2-SP strength toward the base during fine-tuning
     anchor_hidden: float = 1.0  # keep the base's hidden states off the expert's own data
+    anchor_foreign: float = 1.0  # relative weight of other domains' positions in that anchor
+    anchor_output: float = 0.0  # KL to the base's next-token distributions at those positions
     replay: float = 0.2  # share of expert batches drawn from the base mix
     tokens_per_batch: int = 1024
     examples_per_domain: int = 6000  # train-split texts drawn per domain
@@ -176,7 +178,9 @@ def _build_homogeneous(
                           warmup=10, anchor_l2=cfg.anchor_l2 if spec.anchor_l2 < 0
                           else spec.anchor_l2, anchor_hidden=cfg.anchor_hidden
                           if spec.anchor_hidden < 0 else spec.anchor_hidden,
-                          own=tuple(spec.domains), skill=spec.skill)  # fmt: skip
+                          anchor_foreign=cfg.anchor_foreign, anchor_output=cfg.anchor_output,
+                          own=tuple(spec.domains),
+                          skill=spec.skill)  # fmt: skip
         train(model, tok, tcfg, bar)
         card = {"name": spec.name, "role": "expert", "domains": spec.domains, "mix": mix}
         _save(model, tok, tmp / spec.name, card)

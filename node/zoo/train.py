@@ -35,6 +35,8 @@ class TrainConfig:
     # of |h - h_base|^2 / mean |h_base|^2); `own` are the domains that are not anchored and
     # `skill` ("arith", "logic" or "") the expert's half of the two-skill prompt
     anchor_hidden: float = 0.0
+    anchor_foreign: float = 1.0  # weight of a foreign domain's positions (the other half's: 1)
+    anchor_output: float = 0.0  # + this * KL(base || model) of the next-token distributions there
     own: tuple[str, ...] = ()
     skill: str = ""
     tokens_per_batch: int = 1024  # short tasks get many examples per batch, prose few
@@ -88,28 +90,30 @@ def _logic_span(tokenizer: Any, ex: corpora.Example) -> range:
 
 
 def anchor_masks(tokenizer: Any, cfg: TrainConfig, data: Mapping[str, list[list[int]]]
-                 ) -> dict[str, list[list[bool]]]:  # fmt: skip
-    """Per row of `data`, the positions whose hidden states stay the base's: every position of a
-    domain that is not in `cfg.own`; in a two-skill text, the positions of the other half
-    (`skill` "arith": the logic span; "logic": everything else; "": all)."""
+                 ) -> dict[str, list[list[float]]]:  # fmt: skip
+    """Per row of `data`, the weight (0: free) with which each position keeps the base's hidden
+    states: `anchor_foreign` on every position of a domain that is not in `cfg.own`; 1 on the
+    other half of a two-skill text (`skill` "arith": the logic span; "logic": everything else;
+    "": all)."""
     if cfg.skill not in ("arith", "logic", ""):
         raise ValueError(f"skill {cfg.skill!r}: use 'arith', 'logic' or '' (neither half)")
     out = {}
     for key, rows in data.items():
         domain = key.partition(":")[0]
         if domain != "arithlogic":
-            out[key] = [[domain not in cfg.own] * len(r) for r in rows]
+            w = 0.0 if domain in cfg.own else cfg.anchor_foreign
+            out[key] = [[w] * len(r) for r in rows]
             continue
         examples = corpora.load(domain, cfg.examples_per_domain, "train")
         masks = []
         for ex, row in zip(examples, rows, strict=True):
             span = _logic_span(tokenizer, ex)
             if cfg.skill == "arith":
-                masks.append([i in span for i in range(len(row))])
+                masks.append([float(i in span) for i in range(len(row))])
             elif cfg.skill == "logic":
-                masks.append([i not in span for i in range(len(row))])
+                masks.append([float(i not in span) for i in range(len(row))])
             else:
-                masks.append([True] * len(row))
+                masks.append([1.0] * len(row))
         out[key] = masks
     return out
 
@@ -165,15 +169,25 @@ def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
 
 def hidden_pull(hidden: tuple[torch.Tensor, ...], base_hidden: tuple[torch.Tensor, ...],
                 anchored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Sum over layers of the mean, over anchored positions, of |h - h_base|^2 relative to the
-    batch's mean |h_base|^2 (embeddings excluded: layer outputs only)."""
+    """Sum over layers of the mean, over anchored positions (`anchored` > 0, weighted by it), of
+    |h - h_base|^2 relative to the batch's mean |h_base|^2 (layer outputs, not embeddings)."""
     real = mask.bool()
     total = torch.zeros(())
     for h, hb in zip(hidden[1:], base_hidden[1:], strict=True):  # (B, T, H) each
         scale = (hb**2).sum(-1)[real].mean().clamp_min(1e-6)
         gap = ((h - hb) ** 2).sum(-1) / scale  # (B, T)
-        total = total + (gap * anchored).sum() / anchored.sum()
+        total = total + (gap * anchored).sum() / (anchored > 0).sum()
     return total
+
+
+def output_pull(logits: torch.Tensor, base_logits: torch.Tensor, anchored: torch.Tensor
+                ) -> torch.Tensor:  # fmt: skip
+    """Mean over anchored positions (weighted) of KL(base || model) of the next-token
+    distributions: the lm_head and final norm are not covered by the hidden-state term."""
+    ref = torch.log_softmax(base_logits.float(), -1)  # (B, T, V)
+    mine = torch.log_softmax(logits.float(), -1)
+    kl = (ref.exp() * (ref - mine)).sum(-1)  # (B, T)
+    return (kl * anchored).sum() / (anchored > 0).sum()
 
 
 def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -> list[float]:
@@ -182,7 +196,9 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
     data = encode_mix(tokenizer, cfg)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.anchor_l2 else {}
     frozen, masks = None, {}
-    if cfg.anchor_hidden:  # a frozen copy of the starting model gives the hidden states to keep
+    if (
+        cfg.anchor_hidden or cfg.anchor_output
+    ):  # a frozen copy of the starting model gives the hidden states to keep
         frozen = copy.deepcopy(model).eval()
         masks = anchor_masks(tokenizer, cfg, data)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -211,12 +227,15 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
         if frozen is not None:  # 3. keep the base's hidden states where the data is not ours
             anchored = torch.zeros(ids.shape)
             for r, i in enumerate(rows):
-                anchored[r, : len(masks[key][i])] = torch.tensor(masks[key][i], dtype=torch.float)
+                anchored[r, : len(masks[key][i])] = torch.tensor(masks[key][i])
             if anchored.any():
                 with torch.no_grad():
                     ref = frozen(input_ids=ids, attention_mask=mask, output_hidden_states=True)
                 pull = hidden_pull(out.hidden_states, ref.hidden_states, anchored, mask)
                 total = total + cfg.anchor_hidden * pull
+                if cfg.anchor_output:
+                    kl = output_pull(out.logits, ref.logits, anchored)
+                    total = total + cfg.anchor_output * kl
         if anchor:  # 4. L2-SP: stay near the anchor so experts share one basin
             l2 = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
             total = total + cfg.anchor_l2 * l2
