@@ -120,7 +120,7 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
                      for p in zoo.experts}  # fmt: skip
     search_ref = best_expert(search_scores)
     if args.task_bpb:
-        for d in ("arithmetic", "logic"):
+        for d in (t for t in TASKS if t != "arithlogic"):  # arithlogic is scored on both halves
             TASK_BPB[d] = min(sc[d].bits_per_byte for sc in search_scores.values())
 
     def objective(w: np.ndarray) -> float:

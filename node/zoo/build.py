@@ -174,13 +174,12 @@ def _build_homogeneous(
         log(f"expert {spec.name}: {steps} steps on {sorted(spec.mix)}")
         model = copy.deepcopy(base)
         mix = expert_mix(spec, cfg.replay)
+        l2 = cfg.anchor_l2 if spec.anchor_l2 < 0 else spec.anchor_l2
+        hidden = cfg.anchor_hidden if spec.anchor_hidden < 0 else spec.anchor_hidden
         tcfg = _train_cfg(cfg, spec.name, mix, steps=steps, lr=spec.lr or cfg.expert_lr,
-                          warmup=10, anchor_l2=cfg.anchor_l2 if spec.anchor_l2 < 0
-                          else spec.anchor_l2, anchor_hidden=cfg.anchor_hidden
-                          if spec.anchor_hidden < 0 else spec.anchor_hidden,
+                          warmup=10, anchor_l2=l2, anchor_hidden=hidden,
                           anchor_foreign=cfg.anchor_foreign, anchor_output=cfg.anchor_output,
-                          own=tuple(spec.domains),
-                          skill=spec.skill)  # fmt: skip
+                          own=tuple(spec.domains), skill=spec.skill)  # fmt: skip
         train(model, tok, tcfg, bar)
         card = {"name": spec.name, "role": "expert", "domains": spec.domains, "mix": mix}
         _save(model, tok, tmp / spec.name, card)

@@ -161,10 +161,22 @@ def _tensors(
     return ids, labels, mask
 
 
-def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean next-token loss; an id stored as `-(id + 1)` is input but not a target."""
+def _forward(
+    model: Any, batch: list[list[int]], pad_id: int, hidden: bool = False
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """(mean next-token loss, model output, ids, attention mask); a batch without a target
+    (every id stored as input only) has loss 0."""
     ids, labels, mask = _tensors(batch, pad_id)
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss  # type: ignore[no-any-return]
+    has_target = bool((labels != -100).any())
+    out = model(input_ids=ids, attention_mask=mask, labels=labels if has_target else None,
+                output_hidden_states=hidden)  # fmt: skip
+    return (out.loss if has_target else torch.zeros(())), out, ids, mask
+
+
+def batch_loss(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean next-token loss (the one `train` uses); an id stored as `-(id + 1)` is input but
+    not a target."""
+    return _forward(model, batch, pad_id)[0]
 
 
 def hidden_pull(hidden: tuple[torch.Tensor, ...], base_hidden: tuple[torch.Tensor, ...],
@@ -196,9 +208,8 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
     data = encode_mix(tokenizer, cfg)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.anchor_l2 else {}
     frozen, masks = None, {}
-    if (
-        cfg.anchor_hidden or cfg.anchor_output
-    ):  # a frozen copy of the starting model gives the hidden states to keep
+    # a frozen copy of the starting model gives the hidden states (and outputs) to keep
+    if cfg.anchor_hidden or cfg.anchor_output:
         frozen = copy.deepcopy(model).eval()
         masks = anchor_masks(tokenizer, cfg, data)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -214,15 +225,8 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
     for step, (key, rows) in enumerate(batches(data, cfg)):
         for group in opt.param_groups:  # 1. schedule
             group["lr"] = lr_at(step, cfg)
-        ids, labels, mask = _tensors([data[key][i] for i in rows], tokenizer.pad_token_id)
-        has_target = bool((labels != -100).any())
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            labels=labels if has_target else None,
-            output_hidden_states=frozen is not None,
-        )  # 2. language-model loss
-        loss = out.loss if has_target else torch.zeros(())
+        batch = [data[key][i] for i in rows]  # 2. language-model loss
+        loss, out, ids, mask = _forward(model, batch, tokenizer.pad_token_id, frozen is not None)
         total = loss
         if frozen is not None:  # 3. keep the base's hidden states where the data is not ours
             anchored = torch.zeros(ids.shape)
@@ -231,8 +235,9 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
             if anchored.any():
                 with torch.no_grad():
                     ref = frozen(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-                pull = hidden_pull(out.hidden_states, ref.hidden_states, anchored, mask)
-                total = total + cfg.anchor_hidden * pull
+                if cfg.anchor_hidden:
+                    pull = hidden_pull(out.hidden_states, ref.hidden_states, anchored, mask)
+                    total = total + cfg.anchor_hidden * pull
                 if cfg.anchor_output:
                     kl = output_pull(out.logits, ref.logits, anchored)
                     total = total + cfg.anchor_output * kl
@@ -240,7 +245,7 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
             l2 = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
             total = total + cfg.anchor_l2 * l2
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
