@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from node.eval import corpora
 from node.merge.api import merge
 from node.zoo import build, default_dir, load_manifest
-from node.zoo.scores import TASKS, Score, score_dir
+from node.zoo.scores import TASKS, Score, answer_hits, heldout, score_dir
 from node.zoo.search import cma_search, gain_kept, layer_recipe, retention
 
 DOMAINS = ("arithmetic", "logic", "arithlogic", "python", "prose")
@@ -52,6 +53,16 @@ class Zoo:
             progress=False,
         )
         return out
+
+    def both_right(self, model_dir: Path) -> np.ndarray:
+        """Per test-half two-skill prompt, whether both halves of the answer are right."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            hits = answer_hits(model, tok, heldout("arithlogic", self.n, "test"))
+        return np.array([all(h) for h in hits])
 
     def score(self, weights: np.ndarray, half: str, em: bool) -> dict[str, Score]:
         n = self.n_search if half == "search" else self.n
@@ -111,6 +122,21 @@ def _per_expert(test: dict[str, dict[str, Score]], merged: str, metric: str) -> 
     }
 
 
+def exact_mcnemar(b: int, c: int) -> float:
+    """Two-sided exact McNemar p of b vs c discordant pairs (binomial, p = 1/2)."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n) if n else 1.0
+
+
+def paired_two_skill(zoo: Zoo, merged: Path, test: dict[str, dict[str, Score]]) -> dict[str, Any]:
+    """The merge against the best single expert on the same two-skill prompts (claim (b))."""
+    expert = max(IN_DOMAIN, key=lambda e: (test[e]["arithlogic"].parts or (0, 0, 0))[2])
+    mine, theirs = zoo.both_right(merged), zoo.both_right(zoo.root / expert)
+    b, c = int((mine & ~theirs).sum()), int((theirs & ~mine).sum())
+    return {"expert": expert, "only_merge": b, "only_expert": c,
+            "exact_mcnemar_p": round(exact_mcnemar(b, c), 4)}  # fmt: skip
+
+
 def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     n_exp, groups = len(zoo.experts), zoo.n_layers + 1
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
@@ -133,7 +159,8 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
                      args.popsize, args.seed, (0.0, args.max_weight),
                      log=lambda m: print(m, flush=True))  # fmt: skip
     test["uniform"] = zoo.score(np.full((n_exp, groups), lam), "test", em=True)
-    test["searched"] = zoo.score(res.best, "test", em=True)
+    searched = zoo.merged(res.best)
+    test["searched"] = score_dir(searched, DOMAINS, zoo.n, "test", em=True)
     for name in ("uniform", "searched"):
         print(fmt_row(name, test[name]), flush=True)
     ref = best_expert({k: test[k] for k in IN_DOMAIN})
@@ -157,6 +184,7 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
             ]
             for k, sc in test.items()
         },
+        "b_paired_vs_best_expert": paired_two_skill(zoo, searched, test),
         "c_objective_test": {
             k: round(mean_retention(test[k], ref), 4) for k in ("uniform", "searched")
         },
@@ -232,7 +260,8 @@ def main() -> None:
     )
     ap.add_argument("--zoo", type=Path, default=None)
     ap.add_argument("--n", type=int, default=200, help="task examples per half (texts: n/4)")
-    ap.add_argument("--n-search", type=int, default=120, help="task examples of the search half")
+    ap.add_argument("--n-search", type=int, default=None,
+                    help="task examples of the search half (default: --n)")  # fmt: skip
     ap.add_argument("--generations", type=int, default=6)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.2)
@@ -252,7 +281,7 @@ def main() -> None:
     zoo_dir = args.zoo or default_dir()
     root = Path((load_manifest(zoo_dir) or build(zoo_dir))["root"])  # any complete zoo will do
     with tempfile.TemporaryDirectory(prefix="zoo-evidence-") as tmp:
-        zoo = Zoo(root, args.n, args.n_search, Path(tmp))
+        zoo = Zoo(root, args.n, args.n_search or args.n, Path(tmp))
         m = merge_evidence(zoo, args) if args.skip != "merge" else {"scores": {}, "claims": {}}
         f = fusion_evidence(zoo, args) if args.skip != "fusion" else {"target": "-"}
     print_tables(m, f)

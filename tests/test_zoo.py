@@ -21,7 +21,9 @@ from node.zoo.train import (
     _one_half,
     anchor_masks,
     batch_loss,
+    document_prior,
     encode_mix,
+    free_first,
     output_pull,
     train,
 )
@@ -189,6 +191,39 @@ def test_output_anchor_is_the_weighted_kl_to_the_base() -> None:
     expected = (kl[0, 0] + 2 * kl[0, 2] + kl[1, 2]) / 3
     assert output_pull(mine, base, weights).item() == pytest.approx(expected.item(), rel=1e-5)
     assert output_pull(base, base, weights).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_prior_anchor_keeps_the_base_guess_of_a_texts_domain() -> None:
+    """Trained on arithmetic only, a free expert learns that every text starts with `Q`; with
+    the prior anchor its first-token distribution stays the base's while it still learns."""
+    tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
+    base = _fresh("llama", len(tok), 32, 2, 0)
+    mix = {"arithmetic": 1.0, "prose": 1.0}
+    train(base, tok, TrainConfig(mix=mix, steps=30, lr=3e-3, examples_per_domain=200,
+                                 tokens_per_batch=256), progress=False)  # fmt: skip
+    prior = document_prior(base, tok)
+    q = metrics.encode(tok, "Q: 1+2= A: 3")[1]
+    texts = [e.text for e in corpora.load("arithmetic", 64, "heldout")]
+    held = free_first({"a": [metrics.encode(tok, t) for t in texts]})["a"]
+
+    def expert(anchor_prior: float) -> tuple[float, float, float]:
+        model = copy.deepcopy(base)
+        cfg = TrainConfig(mix={"arithmetic": 1.0}, steps=40, lr=3e-3, anchor_prior=anchor_prior,
+                          examples_per_domain=200, tokens_per_batch=256)  # fmt: skip
+        train(model, tok, cfg, progress=False)
+        mine = document_prior(model, tok)
+        kl = float((prior.exp() * (prior - mine)).sum())
+        with torch.no_grad():
+            return kl, float(mine[q].exp()), float(batch_loss(model, held, tok.pad_token_id))
+
+    (kl_free, q_free, _), (kl_kept, q_kept, loss_kept) = expert(0.0), expert(1.0)
+    assert q_free > 5 * float(prior[q].exp())  # free: "every text is arithmetic"
+    assert kl_kept < 0.05 * kl_free, (kl_kept, kl_free)
+    assert abs(q_kept - float(prior[q].exp())) < 0.01
+    with torch.no_grad():  # it still learns the task (past the first token)
+        assert loss_kept < 0.9 * float(batch_loss(base, held, tok.pad_token_id))
+    rows = free_first({"d": [[1, 5, 6], [1, -8, 9], [1]]})["d"]
+    assert rows == [[1, -6, 6], [1, -8, 9], [1]]  # input only: stored as -(id + 1)
 
 
 def test_cli_refuses_a_foreign_directory_with_exit_2(tmp_path: Path) -> None:

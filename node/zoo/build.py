@@ -87,6 +87,7 @@ class ZooConfig:
     anchor_hidden: float = 1.0  # keep the base's hidden states off the expert's own data
     anchor_foreign: float = 1.0  # relative weight of other domains' positions in that anchor
     anchor_output: float = 0.0  # KL to the base's next-token distributions at those positions
+    anchor_prior: float = 1.0  # experts keep the base's guess of a text's domain (first token)
     replay: float = 0.2  # share of expert batches drawn from the base mix
     tokens_per_batch: int = 1024
     examples_per_domain: int = 6000  # train-split texts drawn per domain
@@ -179,7 +180,8 @@ def _build_homogeneous(
         tcfg = _train_cfg(cfg, spec.name, mix, steps=steps, lr=spec.lr or cfg.expert_lr,
                           warmup=10, anchor_l2=l2, anchor_hidden=hidden,
                           anchor_foreign=cfg.anchor_foreign, anchor_output=cfg.anchor_output,
-                          own=tuple(spec.domains), skill=spec.skill)  # fmt: skip
+                          anchor_prior=cfg.anchor_prior, own=tuple(spec.domains),
+                          skill=spec.skill)  # fmt: skip
         train(model, tok, tcfg, bar)
         card = {"name": spec.name, "role": "expert", "domains": spec.domains, "mix": mix}
         _save(model, tok, tmp / spec.name, card)

@@ -2,7 +2,9 @@
 decay, an optional L2-SP pull toward an anchor model, and an optional hidden-state anchor: on
 the positions that are not the expert's own (other domains, the other half of a two-skill
 prompt) the expert keeps the base's hidden states at every layer, so that two experts' deltas
-add without moving what the other's circuits read (the merges then keep both skills).
+add without moving what the other's circuits read (the merges then keep both skills). An
+optional prior anchor keeps the base's distribution over a text's first token: an expert that
+learns "every text is mine" there makes a merge of two experts confidently expect neither.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class TrainConfig:
     anchor_hidden: float = 0.0
     anchor_foreign: float = 1.0  # weight of a foreign domain's positions (the other half's: 1)
     anchor_output: float = 0.0  # + this * KL(base || model) of the next-token distributions there
+    # document prior: the first token after BOS (which domain a text is) stops being a target
+    # and the model keeps the starting model's distribution there (+ this * KL(base || model))
+    anchor_prior: float = 0.0
     own: tuple[str, ...] = ()
     skill: str = ""
     tokens_per_batch: int = 1024  # short tasks get many examples per batch, prose few
@@ -202,10 +207,34 @@ def output_pull(logits: torch.Tensor, base_logits: torch.Tensor, anchored: torch
     return (kl * anchored).sum() / (anchored > 0).sum()
 
 
+def free_first(data: Mapping[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """The rows with their first token after BOS stored as input only (not a target)."""
+    return {k: [[r[0], -r[1] - 1 if r[1] >= 0 else r[1], *r[2:]] if len(r) > 1 else r
+                for r in rows] for k, rows in data.items()}  # fmt: skip
+
+
+def document_prior(model: Any, tokenizer: Any) -> torch.Tensor:
+    """Log-probabilities of the model's next token after BOS alone: (V,)."""
+    if tokenizer.bos_token_id is None:
+        raise ValueError("anchor_prior needs a tokenizer with a BOS token (texts start with it)")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[tokenizer.bos_token_id]])).logits
+    return torch.log_softmax(logits[0, 0].float(), -1)
+
+
+def prior_pull(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(prior || model) at position 0 (BOS: the same for every row, so row 0's)."""
+    mine = torch.log_softmax(logits[0, 0].float(), -1)
+    return (prior.exp() * (prior - mine)).sum()
+
+
 def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -> list[float]:
     """Train `model` in place; returns the loss of every step."""
     torch.manual_seed(cfg.seed)
     data = encode_mix(tokenizer, cfg)
+    prior = None
+    if cfg.anchor_prior:
+        prior, data = document_prior(model, tokenizer), free_first(data)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.anchor_l2 else {}
     frozen, masks = None, {}
     # a frozen copy of the starting model gives the hidden states (and outputs) to keep
@@ -241,7 +270,9 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
                 if cfg.anchor_output:
                     kl = output_pull(out.logits, ref.logits, anchored)
                     total = total + cfg.anchor_output * kl
-        if anchor:  # 4. L2-SP: stay near the anchor so experts share one basin
+        if prior is not None:  # 4. keep the base's guess of which domain a text is
+            total = total + cfg.anchor_prior * prior_pull(out.logits, prior)
+        if anchor:  # 5. L2-SP: stay near the anchor so experts share one basin
             l2 = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
             total = total + cfg.anchor_l2 * l2
         opt.zero_grad(set_to_none=True)
