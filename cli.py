@@ -653,7 +653,7 @@ def zoo_build_cmd(
         bool, typer.Option("--json", help="Print the zoo manifest as JSON.")
     ] = False,
 ) -> None:
-    """Build the zoo offline and deterministically (about 9 minutes, single-threaded)."""
+    """Build the zoo offline and deterministically (about 10 minutes, single-threaded)."""
     import json
 
     from node.zoo import ZooConfig, build
