@@ -17,6 +17,8 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,23 +71,34 @@ class Zoo:
         return score_dir(self.merged(weights), DOMAINS, n, half, em)  # type: ignore[arg-type]
 
 
-TWO_SKILL_WEIGHT = [1.0]  # weight of the two-skill term in the objective (`--two-skill-weight`)
-TASK_BPB: dict[str, float] = {}  # `--task-bpb`: task domain -> best expert's bits per byte
-
-
-def mean_retention(scores: dict[str, Score], best: dict[str, Score]) -> float:
+@dataclass(frozen=True)
+class Objective:
     """The search objective: per domain, the share of the best expert's score kept (bits per
     byte for texts, answer accuracy for tasks, both halves right for the two-skill task),
-    averaged over the domains (the two-skill term weighted by `TWO_SKILL_WEIGHT`).
+    averaged over the domains, the two-skill term weighted by `two_skill_weight`; `task_bpb`
+    (`--task-bpb`) adds the task domains' bits per byte kept as terms of their own.
     """
-    kept = retention(scores, best, "skill")
-    mine, ref = scores["arithlogic"].parts, best["arithlogic"].parts
-    assert mine is not None and ref is not None
-    kept["arithlogic"] = mine[2] / max(ref[2], 1e-9)
-    weights = {d: TWO_SKILL_WEIGHT[0] if d == "arithlogic" else 1.0 for d in kept}
-    for d, ref_bpb in TASK_BPB.items():  # claim (a) also asks for task bits per byte kept
-        kept[f"{d}:bpb"], weights[f"{d}:bpb"] = ref_bpb / scores[d].bits_per_byte, 1.0
-    return sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
+
+    best: dict[str, Score]
+    two_skill_weight: float = 1.0
+    task_bpb: Mapping[str, float] = field(default_factory=dict)  # domain -> best expert's
+
+    @classmethod
+    def of(cls, experts: dict[str, dict[str, Score]], args: argparse.Namespace) -> Objective:
+        """The objective against these experts' scores (all on the same half)."""
+        bpb = {d: min(sc[d].bits_per_byte for sc in experts.values())
+               for d in TASKS if d != "arithlogic"} if args.task_bpb else {}  # fmt: skip
+        return cls(best_expert(experts), args.two_skill_weight, bpb)
+
+    def __call__(self, scores: dict[str, Score]) -> float:
+        kept = retention(scores, self.best, "skill")
+        mine, ref = scores["arithlogic"].parts, self.best["arithlogic"].parts
+        assert mine is not None and ref is not None
+        kept["arithlogic"] = mine[2] / max(ref[2], 1e-9)
+        weights = {d: self.two_skill_weight if d == "arithlogic" else 1.0 for d in kept}
+        for d, ref_bpb in self.task_bpb.items():
+            kept[f"{d}:bpb"], weights[f"{d}:bpb"] = ref_bpb / scores[d].bits_per_byte, 1.0
+        return sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
 
 
 def best_expert(expert_scores: dict[str, dict[str, Score]]) -> dict[str, Score]:
@@ -142,15 +155,11 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
     for name, sc in test.items():
         print(fmt_row(name, sc), flush=True)
-    search_scores = {p.name: score_dir(p, DOMAINS, zoo.n_search, "search", em=False)
-                     for p in zoo.experts}  # fmt: skip
-    search_ref = best_expert(search_scores)
-    if args.task_bpb:
-        for d in (t for t in TASKS if t != "arithlogic"):  # arithlogic is scored on both halves
-            TASK_BPB[d] = min(sc[d].bits_per_byte for sc in search_scores.values())
+    on_search = Objective.of({p.name: score_dir(p, DOMAINS, zoo.n_search, "search", em=False)
+                              for p in zoo.experts}, args)  # fmt: skip
 
     def objective(w: np.ndarray) -> float:
-        return mean_retention(zoo.score(w, "search", em=False), search_ref)
+        return on_search(zoo.score(w, "search", em=False))
 
     uniform = {lam: objective(np.full((n_exp, groups), lam)) for lam in UNIFORM_GRID}
     lam = max(uniform, key=lambda k: uniform[k])
@@ -163,7 +172,7 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     test["searched"] = score_dir(searched, DOMAINS, zoo.n, "test", em=True)
     for name in ("uniform", "searched"):
         print(fmt_row(name, test[name]), flush=True)
-    ref = best_expert({k: test[k] for k in IN_DOMAIN})
+    on_test = Objective.of({k: test[k] for k in IN_DOMAIN}, args)
     claims = {
         "a_retention_bpb": _per_expert(test, "searched", "bpb"),
         "a_retention_skill": _per_expert(test, "searched", "skill"),
@@ -185,9 +194,7 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
             for k, sc in test.items()
         },
         "b_paired_vs_best_expert": paired_two_skill(zoo, searched, test),
-        "c_objective_test": {
-            k: round(mean_retention(test[k], ref), 4) for k in ("uniform", "searched")
-        },
+        "c_objective_test": {k: round(on_test(test[k]), 4) for k in ("uniform", "searched")},
         "c_objective_search": {
             "uniform": round(uniform[lam], 4),
             "searched": round(res.best_value, 4),
@@ -277,7 +284,6 @@ def main() -> None:
     ap.add_argument("--skip", choices=["merge", "fusion"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    TWO_SKILL_WEIGHT[0] = args.two_skill_weight
     zoo_dir = args.zoo or default_dir()
     root = Path((load_manifest(zoo_dir) or build(zoo_dir))["root"])  # any complete zoo will do
     with tempfile.TemporaryDirectory(prefix="zoo-evidence-") as tmp:

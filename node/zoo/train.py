@@ -197,13 +197,16 @@ def hidden_pull(hidden: tuple[torch.Tensor, ...], base_hidden: tuple[torch.Tenso
     return total
 
 
+def kl_to(ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(ref || softmax(logits)) over the last axis; `ref` holds log-probabilities."""
+    return (ref.exp() * (ref - torch.log_softmax(logits.float(), -1))).sum(-1)
+
+
 def output_pull(logits: torch.Tensor, base_logits: torch.Tensor, anchored: torch.Tensor
                 ) -> torch.Tensor:  # fmt: skip
     """Mean over anchored positions (weighted) of KL(base || model) of the next-token
     distributions: the lm_head and final norm are not covered by the hidden-state term."""
-    ref = torch.log_softmax(base_logits.float(), -1)  # (B, T, V)
-    mine = torch.log_softmax(logits.float(), -1)
-    kl = (ref.exp() * (ref - mine)).sum(-1)  # (B, T)
+    kl = kl_to(torch.log_softmax(base_logits.float(), -1), logits)  # (B, T)
     return (kl * anchored).sum() / (anchored > 0).sum()
 
 
@@ -220,12 +223,6 @@ def document_prior(model: Any, tokenizer: Any) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[tokenizer.bos_token_id]])).logits
     return torch.log_softmax(logits[0, 0].float(), -1)
-
-
-def prior_pull(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """KL(prior || model) at position 0 (BOS: the same for every row, so row 0's)."""
-    mine = torch.log_softmax(logits[0, 0].float(), -1)
-    return (prior.exp() * (prior - mine)).sum()
 
 
 def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -> list[float]:
@@ -271,7 +268,7 @@ def train(model: Any, tokenizer: Any, cfg: TrainConfig, progress: bool = True) -
                     kl = output_pull(out.logits, ref.logits, anchored)
                     total = total + cfg.anchor_output * kl
         if prior is not None:  # 4. keep the base's guess of which domain a text is
-            total = total + cfg.anchor_prior * prior_pull(out.logits, prior)
+            total = total + cfg.anchor_prior * kl_to(prior, out.logits[0, 0])  # BOS: row 0's
         if anchor:  # 5. L2-SP: stay near the anchor so experts share one basin
             l2 = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
             total = total + cfg.anchor_l2 * l2
