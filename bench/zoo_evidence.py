@@ -17,7 +17,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,16 @@ class Zoo:
             hits = answer_hits(model, tok, heldout("arithlogic", self.n, "test"))
         return np.array([all(h) for h in hits])
 
+    def n_of(self, half: str) -> int:
+        """Task examples scored on `half` (a fold of the search half gets half of it)."""
+        return {"search": self.n_search, "test": self.n}.get(half, self.n_search // 2)
+
     def score(self, weights: np.ndarray, half: str, em: bool) -> dict[str, Score]:
-        n = self.n_search if half == "search" else self.n
-        return score_dir(self.merged(weights), DOMAINS, n, half, em)  # type: ignore[arg-type]
+        return score_dir(self.merged(weights), DOMAINS, self.n_of(half), half, em)  # type: ignore[arg-type]
+
+    def experts_on(self, half: str) -> dict[str, dict[str, Score]]:
+        return {p.name: score_dir(p, DOMAINS, self.n_of(half), half, em=False)  # type: ignore[arg-type]
+                for p in self.experts}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -155,18 +162,22 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
     for name, sc in test.items():
         print(fmt_row(name, sc), flush=True)
-    on_search = Objective.of({p.name: score_dir(p, DOMAINS, zoo.n_search, "search", em=False)
-                              for p in zoo.experts}, args)  # fmt: skip
-
-    def objective(w: np.ndarray) -> float:
-        return on_search(zoo.score(w, "search", em=False))
-
-    uniform = {lam: objective(np.full((n_exp, groups), lam)) for lam in UNIFORM_GRID}
+    on_search = Objective.of(zoo.experts_on("search"), args)
+    uniform = {lam: on_search(zoo.score(np.full((n_exp, groups), lam), "search", em=False))
+               for lam in UNIFORM_GRID}  # fmt: skip
     lam = max(uniform, key=lambda k: uniform[k])
     print(f"uniform search-half objective: {uniform} -> best lambda {lam}", flush=True)
-    res = cma_search(objective, np.full((n_exp, groups), lam), args.sigma, args.generations,
-                     args.popsize, args.seed, (0.0, args.max_weight),
-                     log=lambda m: print(m, flush=True))  # fmt: skip
+
+    def on(half: str) -> Callable[[np.ndarray], float]:
+        ref = on_search if half == "search" else Objective.of(zoo.experts_on(half), args)
+        return lambda w: ref(zoo.score(w, half, em=False))
+
+    # the guard (default): CMA-ES on fold a of the search half; the start (uniform) and each
+    # generation's best are then scored on fold b, and the best there is kept
+    res = cma_search(on("search:a" if args.guard else "search"), np.full((n_exp, groups), lam),
+                     args.sigma, args.generations, args.popsize, args.seed, (0.0, args.max_weight),
+                     log=lambda m: print(m, flush=True),
+                     holdout=on("search:b") if args.guard else None)  # fmt: skip
     test["uniform"] = zoo.score(np.full((n_exp, groups), lam), "test", em=True)
     searched = zoo.merged(res.best)
     test["searched"] = score_dir(searched, DOMAINS, zoo.n, "test", em=True)
@@ -197,8 +208,12 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
         "c_objective_test": {k: round(on_test(test[k]), 4) for k in ("uniform", "searched")},
         "c_objective_search": {
             "uniform": round(uniform[lam], 4),
-            "searched": round(res.best_value, 4),
+            "searched" + (" (fold a)" if args.guard else ""): round(res.best_value, 4),
         },
+        # fold b's objective for the start and each generation's best; `picked` indexes it
+        "c_guard": {"fold_b": [round(v, 4) for v in res.holdout], "picked": res.picked}
+        if res.holdout is not None
+        else None,
         "uniform_lambda": lam,
         "searched_weights": np.round(res.best, 3).tolist(),
         "evaluations": res.evaluations + len(UNIFORM_GRID),
@@ -275,6 +290,9 @@ def main() -> None:
     ap.add_argument("--task-bpb", action="store_true",
                     help="add the arithmetic and logic bits per byte kept to the objective")  # fmt: skip
     ap.add_argument("--two-skill-weight", type=float, default=1.0, help="in the objective")
+    ap.add_argument("--no-guard", dest="guard", action="store_false",
+                    help="search on the whole search half and keep its best (no held-back "
+                    "fold; session 5's runs)")  # fmt: skip
     ap.add_argument("--max-weight", type=float, default=1.5, help="upper bound of a weight")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fuse-steps", type=int, default=120)

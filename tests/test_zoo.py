@@ -134,6 +134,18 @@ def test_an_expert_learns_only_its_half_of_the_two_skill_task(half: str, hidden:
         assert batch_loss(model, [ids], tok.pad_token_id).item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(("half", "answer"), [("arith", "; 56"), ("logic", "T")])
+def test_answer_only_keeps_just_the_halfs_answer_as_a_target(half: str, answer: str) -> None:
+    tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)
+    ex = corpora.Example("arithlogic", "C: 7*8 ; not F and T = T ; 56\n",
+                         "C: 7*8 ; not F and T =", "T ; 56")  # fmt: skip
+    ids = _one_half(tok, ex, half, 256, answer_only=True)
+    assert [abs(i) - (i < 0) for i in ids] == metrics.encode(tok, ex.text)
+    assert tok.decode([i for i in ids if i >= 0]).strip() == answer
+    # the default keeps the prompt as a target too
+    assert sum(i >= 0 for i in _one_half(tok, ex, half, 256)) > sum(i >= 0 for i in ids) + 5
+
+
 @pytest.mark.parametrize("skill", ["arith", "logic", ""])
 def test_hidden_anchor_covers_the_other_half_and_foreign_domains(skill: str) -> None:
     tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)

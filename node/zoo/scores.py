@@ -14,7 +14,7 @@ import torch
 
 from node.eval import corpora, metrics
 
-Half = Literal["search", "test", "all"]
+Half = Literal["search", "test", "all", "search:a", "search:b"]
 TASKS = ("arithmetic", "logic", "arithlogic")
 TEXTS = ("python", "prose")
 
@@ -33,13 +33,20 @@ class Score:
 
 def heldout(domain: str, n: int, half: Half) -> list[corpora.Example]:
     """`n` held-out examples of one half; halves are cut by a hash of the text, so a text
-    repeated by a generator never sits in both.
+    repeated by a generator never sits in both. `search:a` / `search:b` cut the search half in
+    two folds the same way (a search on one, a check on the other).
     """
-    pool = corpora.load(domain, n if half == "all" else 3 * n, "heldout")
     if half == "all":
-        return pool
-    want = 0 if half == "search" else 1
-    return [e for e in pool if hashlib.sha256(e.text.encode()).digest()[0] % 2 == want][:n]
+        return corpora.load(domain, n, "heldout")
+    side, _, fold = half.partition(":")
+    pool = corpora.load(domain, (6 if fold else 3) * n, "heldout")
+    want = 0 if side == "search" else 1
+
+    def keep(e: corpora.Example) -> bool:
+        digest = hashlib.sha256(e.text.encode()).digest()
+        return digest[0] % 2 == want and (not fold or digest[1] % 2 == "ab".index(fold))
+
+    return [e for e in pool if keep(e)][:n]
 
 
 @torch.no_grad()

@@ -64,9 +64,13 @@ def gain_kept(merged: Score, expert: Score, base: Score) -> float:
 @dataclass(frozen=True)
 class SearchResult:
     best: np.ndarray
-    best_value: float
+    best_value: float  # the search objective's value at `best`
     history: list[float]  # best value after each generation
     evaluations: int
+    # with a held-back objective: its value for the start and each generation's best, and the
+    # index of the one returned (0: the start point)
+    holdout: list[float] | None = None
+    picked: int = -1
 
 
 def cma_search(
@@ -78,22 +82,39 @@ def cma_search(
     seed: int,
     bounds: tuple[float, float] = (0.0, 1.5),
     log: Callable[[str], None] | None = None,
+    holdout: Objective | None = None,
 ) -> SearchResult:
-    """Maximise `objective` with CMA-ES (the `cma` package), seeded, bounded, fixed budget."""
+    """Maximise `objective` with CMA-ES (the `cma` package), seeded, bounded, fixed budget.
+
+    With `holdout` (the same measure on data the search never sees), the start point and each
+    generation's best are scored on it too and the best of those by `holdout` is returned
+    (the start on a tie): a search that only chased the noise of its own data gives back its
+    start instead of an over-fit point.
+    """
     import cma
 
     opts = {"seed": seed + 1, "popsize": popsize, "bounds": list(bounds), "verbose": -9}
     es = cma.CMAEvolutionStrategy(list(x0.ravel()), sigma, opts)
     best, best_value, history, n = x0.ravel().copy(), objective(x0), [], 1
+    candidates = [(best.copy(), best_value)]
     for gen in range(generations):
         xs = es.ask()
         values = [objective(np.asarray(x).reshape(x0.shape)) for x in xs]
         n += len(xs)
         es.tell(xs, [-v for v in values])  # cma minimises
         i = int(np.argmax(values))
+        candidates.append((np.asarray(xs[i]).copy(), values[i]))
         if values[i] > best_value:
             best, best_value = np.asarray(xs[i]).copy(), values[i]
         history.append(best_value)
         if log:
             log(f"generation {gen + 1}/{generations}: best {best_value:.4f}")
-    return SearchResult(best.reshape(x0.shape), best_value, history, n)
+    if holdout is None:
+        return SearchResult(best.reshape(x0.shape), best_value, history, n)
+    held = [holdout(x.reshape(x0.shape)) for x, _ in candidates]
+    pick = max(range(len(held)), key=lambda k: (held[k], -k))
+    if log:
+        which = "the start" if pick == 0 else f"generation {pick}'s best"
+        log(f"held-back objective: start {held[0]:.4f}; picked {which} ({held[pick]:.4f})")
+    x, value = candidates[pick]
+    return SearchResult(x.reshape(x0.shape), value, history, n, held, pick)

@@ -42,6 +42,9 @@ class TrainConfig:
     # document prior: the first token after BOS (which domain a text is) stops being a target
     # and the model keeps the starting model's distribution there (+ this * KL(base || model))
     anchor_prior: float = 0.0
+    # two-skill rows (`arithlogic:arith` / `:logic`): only the half's answer is a target (the
+    # prompt is input only), as completion-only fine-tuning does
+    answer_only: bool = False
     own: tuple[str, ...] = ()
     skill: str = ""
     tokens_per_batch: int = 1024  # short tasks get many examples per batch, prose few
@@ -52,17 +55,24 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _one_half(tokenizer: Any, ex: corpora.Example, half: str, max_len: int) -> list[int]:
+def _one_half(tokenizer: Any, ex: corpora.Example, half: str, max_len: int,
+              answer_only: bool = False) -> list[int]:  # fmt: skip
     """Ids of a two-skill text in which only `half`'s answer (`arith` or `logic`) is a training
-    target: the other half's answer tokens are stored as `-(id + 1)` (input, not target).
+    target: the other half's answer tokens are stored as `-(id + 1)` (input, not target), and
+    with `answer_only` the prompt's tokens too.
     """
     full = metrics.encode(tokenizer, ex.text, max_len)
     _, truth = corpora.two_skill_parts(ex.answer)
-    if half == "arith":  # the truth value is not a target
-        lo = len(metrics.encode(tokenizer, ex.prompt + " "))
-        hi = len(metrics.encode(tokenizer, f"{ex.prompt} {truth}"))
+    truth_at = len(metrics.encode(tokenizer, ex.prompt + " "))
+    truth_end = len(metrics.encode(tokenizer, f"{ex.prompt} {truth}"))
+    if half == "arith":  # the truth value is not a target; the answer is ` ; 56`
+        lo, hi = truth_at, truth_end
+        keep = range(truth_end, len(full))
     else:  # the number (and what follows) is not a target
         lo, hi = len(metrics.encode(tokenizer, f"{ex.prompt} {truth} ; ")), len(full)
+        keep = range(truth_at, truth_end)
+    if answer_only:
+        return [t if i in keep else -t - 1 for i, t in enumerate(full)]
     return [-t - 1 if lo <= i < hi else t for i, t in enumerate(full)]
 
 
@@ -79,7 +89,8 @@ def encode_mix(tokenizer: Any, cfg: TrainConfig) -> dict[str, list[list[int]]]:
         domain, _, half = key.partition(":")
         examples = corpora.load(domain, cfg.examples_per_domain, "train")
         if half:
-            out[key] = [_one_half(tokenizer, e, half, cfg.max_len) for e in examples]
+            out[key] = [_one_half(tokenizer, e, half, cfg.max_len, cfg.answer_only)
+                        for e in examples]  # fmt: skip
             continue
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         ids = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
