@@ -3,7 +3,8 @@
 (a) a layer-wise merge keeps >= 90% of each expert's in-domain score; (b) it beats every
 expert on the two-skill task (arithlogic: a sum and a boolean expression in one prompt);
 (c) CMA-ES-searched layer-wise coefficients beat the best uniform coefficient, both chosen on
-the `search` half of the held-out split and compared on the `test` half; (d) a heterogeneous
+the `search` half of the held-out split and compared on the `test` half (guarded: CMA-ES runs on
+one fold of the search half and its pick is made on the other; `--no-guard` searches it all); (d) a heterogeneous
 target fused from the experts (lambda*CLM + (1-lambda)*fusion) beats its own CLM-only training
 (lambda = 1: same steps, data, seed) on per-domain bits per byte.
 
