@@ -3,10 +3,11 @@
 (a) a layer-wise merge keeps >= 90% of each expert's in-domain score; (b) it beats every
 expert on the two-skill task (arithlogic: a sum and a boolean expression in one prompt);
 (c) CMA-ES-searched layer-wise coefficients beat the best uniform coefficient, both chosen on
-the `search` half of the held-out split and compared on the `test` half (guarded: CMA-ES runs on
-one fold of the search half and its pick is made on the other; `--no-guard` searches it all); (d) a heterogeneous
-target fused from the experts (lambda*CLM + (1-lambda)*fusion) beats its own CLM-only training
-(lambda = 1: same steps, data, seed) on per-domain bits per byte.
+the `search` half of the held-out split and compared on the `test` half (guarded: CMA-ES
+runs on one fold of the search half and its pick is made on the other; `--no-guard` searches
+it all); (d) a heterogeneous target fused from the experts (lambda*CLM + (1-lambda)*fusion)
+beats its own CLM-only training (lambda = 1: same steps, data, seed) on per-domain bits per
+byte.
 
     .venv/bin/python bench/zoo_evidence.py [--zoo DIR] [--generations 6] [--popsize 8]
 """
@@ -42,20 +43,21 @@ class Zoo:
 
     def __init__(self, root: Path, n: int, n_search: int, work: Path) -> None:
         self.root, self.n, self.n_search, self.work, self.count = root, n, n_search, work, 0
+        self.made: dict[str, Path] = {}  # recipe (JSON) -> merged model
         self.experts = [root / name for name in IN_DOMAIN]
         self.n_layers = int(
             json.loads((root / "base" / "config.json").read_text())["num_hidden_layers"]
         )
 
     def merged(self, weights: np.ndarray) -> Path:
-        self.count += 1
-        out = self.work / f"m{self.count}"
-        merge(
-            layer_recipe(self.root / "base", self.experts, weights, self.n_layers),
-            out,
-            progress=False,
-        )
-        return out
+        """The merge for `weights`, made once (the guard and the test half ask again)."""
+        recipe = layer_recipe(self.root / "base", self.experts, weights, self.n_layers)
+        key = json.dumps(recipe, sort_keys=True)
+        if key not in self.made:
+            self.count += 1
+            self.made[key] = self.work / f"m{self.count}"
+            merge(recipe, self.made[key], progress=False)
+        return self.made[key]
 
     def both_right(self, model_dir: Path) -> np.ndarray:
         """Per test-half two-skill prompt, whether both halves of the answer are right."""

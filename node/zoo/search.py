@@ -95,8 +95,8 @@ def cma_search(
 
     opts = {"seed": seed + 1, "popsize": popsize, "bounds": list(bounds), "verbose": -9}
     es = cma.CMAEvolutionStrategy(list(x0.ravel()), sigma, opts)
-    best, best_value, history, n = x0.ravel().copy(), objective(x0), [], 1
-    candidates = [(best.copy(), best_value)]
+    # the start and each generation's best: (point, objective value)
+    candidates, history, n = [(x0.ravel().copy(), objective(x0))], [], 1
     for gen in range(generations):
         xs = es.ask()
         values = [objective(np.asarray(x).reshape(x0.shape)) for x in xs]
@@ -104,17 +104,15 @@ def cma_search(
         es.tell(xs, [-v for v in values])  # cma minimises
         i = int(np.argmax(values))
         candidates.append((np.asarray(xs[i]).copy(), values[i]))
-        if values[i] > best_value:
-            best, best_value = np.asarray(xs[i]).copy(), values[i]
-        history.append(best_value)
+        history.append(max(v for _, v in candidates))
         if log:
-            log(f"generation {gen + 1}/{generations}: best {best_value:.4f}")
-    if holdout is None:
-        return SearchResult(best.reshape(x0.shape), best_value, history, n)
-    held = [holdout(x.reshape(x0.shape)) for x, _ in candidates]
-    pick = max(range(len(held)), key=lambda k: (held[k], -k))
-    if log:
+            log(f"generation {gen + 1}/{generations}: best {history[-1]:.4f}")
+    # the earliest of the best: by the search's own objective, or by the held-back one
+    held = [holdout(x.reshape(x0.shape)) for x, _ in candidates] if holdout else None
+    judge = held or [v for _, v in candidates]
+    pick = max(range(len(judge)), key=lambda k: (judge[k], -k))
+    if log and held:
         which = "the start" if pick == 0 else f"generation {pick}'s best"
         log(f"held-back objective: start {held[0]:.4f}; picked {which} ({held[pick]:.4f})")
     x, value = candidates[pick]
-    return SearchResult(x.reshape(x0.shape), value, history, n, held, pick)
+    return SearchResult(x.reshape(x0.shape), value, history, n, held, pick if held else -1)
