@@ -734,6 +734,15 @@ def round_search_cmd(
     merge_best: Annotated[
         bool, typer.Option("--merge/--no-merge", help="Run a merge round for the best recipe.")
     ] = True,
+    guard: Annotated[
+        bool,
+        typer.Option(
+            "--guard/--no-guard",
+            help="Guard against over-fitting: peers score each candidate on half of their "
+            "held-out texts (what CMA-ES sees) and on the other half; the recipe kept is the "
+            "start or a generation's best, whichever is best on the held-back half.",
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="Write the best recipe (YAML) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     key: RoundKey = None,
@@ -756,7 +765,7 @@ def round_search_cmd(
             population=int(_round_check("--population", population, 2, 1000)),
             groups=int(_round_check("--groups", groups, 1, 1000)), sigma=_round_check("--sigma", sigma, 1e-4, 10),
             scorers=int(_round_check("--scorers", scorers, 1, 1000)), score_timeout=score_timeout,
-            merge=MergeRoundConfig(rec, name="searched") if merge_best else None,
+            merge=MergeRoundConfig(rec, name="searched") if merge_best else None, guard=guard,
         )  # fmt: skip
         result = run_search(_round_net(network, initial_peers, key), cfg, typer.echo)
     except UserError as err:
@@ -766,8 +775,12 @@ def round_search_cmd(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
+        kept = ""
+        if "guard" in result:
+            g = result["guard"]
+            kept = f" (kept: {g['picked'] if g['picked'] == 'start' else 'generation ' + str(g['picked'])}, held back {g['best_heldback']:.4f} vs start {g['start_heldback']:.4f})"
         typer.echo(
-            f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}; expert {result['expert_id']}"
+            f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}{kept}; expert {result['expert_id']}"
         )
 
 

@@ -16,7 +16,7 @@ import re
 from protocol.errors import BindingError, SchemaError, VersionError
 from protocol.identity import PUBLIC_KEY_BYTES, check_public_key, peer_id_from_public_key
 from protocol.records import ExpertCard, PeerRecord, ProviderRecord
-from protocol.round_records import RoundProposal, Score, UnitResult, WorkClaim
+from protocol.round_records import RoundProposal, Score, UnitResult, WorkClaim, score_item
 from protocol.schema import Record
 from protocol.version import KEY_ROOT, PROTOCOL_VERSION, check_network_name, namespace
 
@@ -188,7 +188,8 @@ def check_binding(key: DhtKey, item: str, owner: bytes, record: Record) -> None:
     elif isinstance(record, Score):
         rules.append((record.round_id.hex() == p[0], "round id differs from the key"))
         rules.append((record.candidate.hex() == p[1], "candidate differs from the key"))
-        rules.append((record.domain == item, "domain differs from the item"))
+        want = score_item(record.domain, record.metric)
+        rules.append((want == item, "domain and metric differ from the item"))
     for ok, problem in rules:
         if not ok:
             raise BindingError(f"{key.kind} key: {problem}")

@@ -12,6 +12,14 @@ from protocol.schema import HASH, TAG, Float, Int, ListOf, Opt, Record, Str, spe
 MAX_UNITS = 1 << 20
 _UNIT = Int(0, MAX_UNITS - 1)
 _NAME = Str(64, r"[a-z0-9_]+")
+SCORE_METRIC = "bits_per_byte"  # a search candidate's score on the texts the search sees
+HELDBACK_METRIC = "heldback_bpb"  # a guarded search: the same on texts the search never sees
+
+
+def score_item(domain: str, metric: str) -> str:
+    """The DHT subkey item of a Score: the domain for the search metric, `domain.metric` for
+    any other (so one scorer keeps one record per domain and metric)."""
+    return domain if metric == SCORE_METRIC else f"{domain}.{metric}"
 
 
 @dataclasses.dataclass(frozen=True)

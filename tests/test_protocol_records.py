@@ -349,3 +349,24 @@ def test_signing_refuses_what_validators_would_reject() -> None:
         _signed(expiration=time.time() + 3 * 86400)
     with pytest.raises(ExpirationError):
         _signed(seq=int((time.time() + 3600) * 1e6))
+
+
+def test_a_score_sits_at_its_domain_and_metric() -> None:
+    from protocol.round_records import HELDBACK_METRIC, SCORE_METRIC, Score, score_item
+
+    rid, cand = fake_hash("round"), fake_hash("cand")
+    key = dht_key("test", "score", rid, cand)
+    seen = Score(rid, cand, "prose", SCORE_METRIC, 1.5, 100, fake_hash("a"))
+    held = dataclasses.replace(seen, metric=HELDBACK_METRIC, value=1.7)
+    assert score_item("prose", SCORE_METRIC) == "prose"  # unguarded records keep their subkey
+    assert score_item("prose", HELDBACK_METRIC) == "prose.heldback_bpb"
+    for rec in (seen, held):
+        signed = sign_record(
+            ALICE, key, rec, expiration=time.time() + 60, item=score_item("prose", rec.metric)
+        )
+        assert open_record(signed.to_bytes())[1] == rec
+    # One scorer cannot put a held-back score where the search score of the domain belongs,
+    # nor the search score under another domain's item.
+    for rec, item in ((held, "prose"), (seen, "prose.heldback_bpb"), (seen, "python")):
+        with pytest.raises(BindingError, match="item"):
+            sign_record(ALICE, key, rec, expiration=time.time() + 60, item=item)

@@ -8,6 +8,7 @@ must not stop the round. Every child process is killed in teardown.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from node.merge.api import merge
 from node.network.lines import ChildLines, contains
 from node.network.manifest import load_expert
 from node.network.process import descendant_pids, kill_all
+from node.rounds.spec import candidate_id
 
 ROOT = Path(__file__).resolve().parents[1]
 UNODE = str(ROOT / ".venv" / "bin" / "unode")
@@ -381,6 +383,48 @@ def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
     assert done and out["expert_id"]
     scored = [n for n in swarm.nodes if "scored candidate" in n.text()]
     assert len(scored) >= 1
+
+
+def test_guarded_search_keeps_the_finalist_best_on_held_back_texts(swarm: Swarm) -> None:
+    start_recipe = recipe(*(f"unode://{i}" for i in swarm.ids))
+    start_recipe["merge_method"] = "task_arithmetic"
+    for m in start_recipe["models"]:
+        m["parameters"] = {"weight": 1.0}
+    path = swarm.tmp / "guarded.yml"
+    path.write_text(yaml.safe_dump(start_recipe))
+    args = ["round", "search", str(path), "--network", swarm.network, "--initial-peers"]
+    args += [swarm.nodes[0].maddr, "--budget", "6", "--population", "3", "--sigma", "0.3"]
+    args += ["--guard", "--no-merge", "--json", "--out", str(swarm.tmp / "guarded-best.yml")]
+    res = subprocess.run(
+        [UNODE, *args], capture_output=True, text=True, timeout=240, env={**os.environ, **FAST}
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout[res.stdout.index("{\n") :])
+    guard = out["guard"]
+    finalists = guard["finalists"]
+    # The start, then the best of each of the two generations (by the search score).
+    assert [f["generation"] for f in finalists] == ["start", 0, 1]
+    by_gen = {g: [h for h in out["history"] if h["generation"] == g] for g in (0, 1)}
+    assert finalists[0]["candidate"] == by_gen[0][0]["candidate"]
+    for g in (0, 1):
+        best = min(by_gen[g], key=lambda h: h["score"])
+        assert (finalists[g + 1]["candidate"], finalists[g + 1]["score"]) == (
+            best["candidate"],
+            best["score"],
+        )
+    held = [f["heldback"] for f in finalists]
+    assert all(math.isfinite(h) and 0 < h < 20 for h in held)
+    # The held-back fold is other texts: its scores are not the search scores.
+    assert all(f["heldback"] != f["score"] for f in finalists)
+    kept = min(range(3), key=lambda i: (held[i], i))
+    assert guard["picked"] == finalists[kept]["generation"]
+    assert guard["best_heldback"] == held[kept] and guard["start_heldback"] == held[0]
+    assert out["best_score"] == finalists[kept]["score"]
+    best_recipe = yaml.safe_load((swarm.tmp / "guarded-best.yml").read_text())
+    assert candidate_id(best_recipe).hex() == finalists[kept]["candidate"]
+    assert out["expert_id"] is None  # --no-merge
+    scorers = [n for n in swarm.nodes if "prose.heldback_bpb=" in n.text()]
+    assert scorers, "no node published a held-back score"
 
 
 def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:

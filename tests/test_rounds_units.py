@@ -151,3 +151,42 @@ def test_a_strangers_result_on_the_training_slot_is_ignored() -> None:
         assert carols == ("done", ALICE.public_key)  # a host's result ends it for the others
     finally:
         dht.shutdown()
+
+
+def test_guard_picks_the_lowest_held_back_score_and_the_start_on_a_tie() -> None:
+    from node.rounds.search import guarded_pick
+
+    assert guarded_pick([1.20, 1.10, 1.15]) == 1
+    assert guarded_pick([1.10, 1.10, 1.30]) == 0  # the start wins a tie
+    assert guarded_pick([math.inf, 1.40, 1.30]) == 2  # an unscored finalist never wins
+    assert guarded_pick([math.inf, math.inf]) is None  # no held-back scores: no pick
+
+
+def test_guarded_spec_round_trips_and_unguarded_bytes_do_not_change() -> None:
+    from node.rounds.spec import RoundSpec
+    from protocol import codec
+    from protocol.errors import ProtocolError
+
+    plain = RoundSpec("search", {"merge_method": "linear"}, (("a",),), candidates=({"x": 1},))
+    guarded = dataclasses.replace(plain, guard=True)
+    assert "guard" not in codec.decode(plain.to_bytes(), max_bytes=1 << 20)
+    assert RoundSpec.from_bytes(plain.to_bytes()) == plain
+    assert RoundSpec.from_bytes(guarded.to_bytes()) == guarded
+    assert guarded.hash() != plain.hash()
+    bad = codec.decode(guarded.to_bytes(), max_bytes=1 << 20)
+    bad["guard"] = 1
+    with pytest.raises(ProtocolError, match="guard"):
+        RoundSpec.from_bytes(codec.encode(bad, max_bytes=1 << 20))
+
+
+def test_a_guarded_scorer_cuts_its_texts_into_two_disjoint_folds() -> None:
+    from node.rounds.search_peer import eval_texts, folds
+    from protocol.round_records import HELDBACK_METRIC, SCORE_METRIC
+
+    texts = eval_texts("python", 32)
+    assert folds(texts, False) == [(SCORE_METRIC, texts)]
+    cut = dict(folds(texts, True))
+    seen, held = cut[SCORE_METRIC], cut[HELDBACK_METRIC]
+    assert seen and held and not set(seen) & set(held)
+    assert sorted(seen + held) == sorted(texts)
+    assert dict(folds(list(reversed(texts)), True))[HELDBACK_METRIC] == list(reversed(held))

@@ -20,6 +20,7 @@ from node.rounds import records
 from node.rounds.inputs import fetch_spec, providers_of
 from node.rounds.spec import RoundSpec, candidate_id
 from protocol.records import RoundProposal
+from protocol.round_records import SCORE_METRIC
 
 SCHEMA = "unode.dashboard/1"
 
@@ -98,7 +99,9 @@ class Collector:
                 for c in spec.candidates
             )
         )
-        means = rv.candidate_means([[s.record.value for s in f] for f in found])
+        means = rv.candidate_means(
+            [[s.record.value for s in f if s.record.metric == SCORE_METRIC] for f in found]
+        )
         return {
             "round_id": p.round_id.hex(),
             "proposer": proposer,

@@ -17,6 +17,7 @@ from node.network.dhtrecords import Verified
 from protocol.identity import Identity, peer_id_from_public_key
 from protocol.keys import dht_key
 from protocol.records import RoundProposal, Score, UnitResult, WorkClaim
+from protocol.round_records import score_item
 from protocol.signing import sign_record
 
 ROUND_TTL = 6 * 3600.0  # proposals and results outlive any round we run
@@ -54,7 +55,8 @@ async def result(
 
 async def score(dht: Any, identity: Identity, network: str, record: Score) -> None:
     key = dht_key(network, "score", record.round_id, record.candidate)
-    await publish(dht, identity, key, record, ROUND_TTL, item=record.domain)
+    item = score_item(record.domain, record.metric)
+    await publish(dht, identity, key, record, ROUND_TTL, item=item)
 
 
 async def scores(dht: Any, network: str, rid: bytes, candidate: bytes) -> list[Verified[Score]]:

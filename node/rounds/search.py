@@ -3,6 +3,12 @@
 Each generation is a search round whose spec lists the candidate recipes; peers score them on
 their own held-out data (signed Score records, bits per byte: lower is better); the proposer
 averages the scores, tells CMA-ES, and finally runs a merge round for the best recipe.
+
+With `guard`, peers score each candidate on one fold of their held-out texts (the search
+metric, which CMA-ES sees) and on the other fold (HELDBACK_METRIC, which it never sees). The
+recipe kept is then the one, among the start and each generation's best, that is best on the
+held-back fold (the start wins a tie), so a search that only fits its own texts returns the
+start instead of an over-fitted recipe.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from node.rounds.propose import (
 )
 from node.rounds.spec import RoundSpec, candidate_id
 from protocol.records import RoundProposal
+from protocol.round_records import HELDBACK_METRIC, SCORE_METRIC
 
 MODULES = ("self_attn", "mlp")  # filters per module class; other tensors get one more value
 DENSITY_METHODS = (
@@ -58,6 +65,7 @@ class SearchConfig:
     score_timeout: float = 300.0
     seed: int = 0
     merge: MergeRoundConfig | None = None  # the final merge round (None: do not merge)
+    guard: bool = False  # pick among generation bests on a held-back fold (module doc)
 
 
 @dataclass(frozen=True)
@@ -159,23 +167,36 @@ async def collect(
     cands: list[dict[str, Any]],
     scorers: int,
     timeout: float,
-) -> list[float]:
-    """Comparable mean score per candidate once `scorers` peers scored each (see
-    `comparable_means`; inf for a candidate not scored in time). A scorer publishes one record
-    per domain, so the answer is taken only when two reads a second apart agree: otherwise a
-    read between a scorer's records would judge the generation on part of its domains."""
+    metrics: tuple[str, ...] = (SCORE_METRIC,),
+) -> dict[str, list[float]]:
+    """Per metric, the comparable mean score per candidate once `scorers` peers scored each
+    (see `comparable_means`; inf for a candidate not scored in time). A scorer publishes one
+    record per domain and metric, so the answer is taken only when two reads a second apart
+    agree: otherwise a read between a scorer's records would judge the generation on part of
+    its domains."""
     deadline = time.monotonic() + timeout
-    last: list[Scored] | None = None
+    last: dict[str, list[Scored]] | None = None
     while True:
         got = await asyncio.gather(
             *(records.scores(session.dht, network, rid, candidate_id(c)) for c in cands)
         )
-        scored = [{(v.envelope.owner, v.record.domain): v.record.value for v in f} for f in got]
+        scored = {
+            m: [
+                {
+                    (v.envelope.owner, v.record.domain): v.record.value
+                    for v in f
+                    if v.record.metric == m
+                }
+                for f in got
+            ]
+            for m in metrics
+        }
         late = time.monotonic() > deadline
-        means = comparable_means(scored, scorers, final=late)
-        if means is not None and (late or scored == last):
-            return means
-        last = scored if means is not None else None
+        means = {m: comparable_means(scored[m], scorers, final=late) for m in metrics}
+        ready = all(v is not None for v in means.values())
+        if ready and (late or scored == last):
+            return {m: [float(x) for x in v or []] for m, v in means.items()}
+        last = scored if ready else None
         await asyncio.sleep(1.0)
 
 
@@ -186,10 +207,12 @@ async def score_generation(
     first: RoundProposal,
     cands: list[dict[str, Any]],
     cfg: SearchConfig,
-) -> list[float]:
-    """Propose one generation as a search round and collect its mean scores."""
+) -> dict[str, list[float]]:
+    """Propose one generation as a search round and collect its mean scores per metric."""
     ids = tuple((candidate_id(c).hex(),) for c in cands)
-    spec = RoundSpec("search", cfg.recipe, ids, candidates=tuple(cands), name="search")
+    spec = RoundSpec(
+        "search", cfg.recipe, ids, candidates=tuple(cands), name="search", guard=cfg.guard
+    )
     deadline = int((time.time() + cfg.score_timeout) * 1000)
     proposal = RoundProposal(
         "merge",
@@ -203,10 +226,17 @@ async def score_generation(
         first.domains,
     )
     await publish_round(session, net, server, spec, proposal)
-    found = await collect(
-        session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout
+    metrics = (SCORE_METRIC, HELDBACK_METRIC) if cfg.guard else (SCORE_METRIC,)
+    return await collect(
+        session, net.network, proposal.round_id, cands, cfg.scorers, cfg.score_timeout, metrics
     )
-    return [float(s) for s in found]
+
+
+def guarded_pick(heldback: list[float]) -> int | None:
+    """Index of the finalist (the start, then each generation's best) with the lowest
+    held-back score, the earliest on a tie; None when no finalist has one."""
+    finite = [(v, i) for i, v in enumerate(heldback) if math.isfinite(v)]
+    return min(finite)[1] if finite else None
 
 
 async def merge_best(
@@ -242,37 +272,72 @@ async def search(
         x0, cfg.sigma, {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9}
     )
     history: list[dict[str, Any]] = []
-    start_score, best = math.inf, (math.inf, cfg.recipe)
+    finalists: list[dict[str, Any]] = []  # the start, then each generation's best
+    recipes: dict[str, dict[str, Any]] = {}
     generation = 0
     while len(history) < cfg.budget:
         xs = es.ask()
         cands = [candidate(cfg.recipe, space, list(x)) for x in xs]
         if generation == 0:
             cands[0] = candidate(cfg.recipe, space, x0)  # score the starting point too
-        scores = await score_generation(session, net, server, proposal0, cands, cfg)
-        if generation == 0:
-            start_score = scores[0]
+        got = await score_generation(session, net, server, proposal0, cands, cfg)
+        scores = got[SCORE_METRIC]
+        held = got.get(HELDBACK_METRIC, [math.inf] * len(cands))
         es.tell(xs, [s if math.isfinite(s) else 1e9 for s in scores])
         for c, s in zip(cands, scores, strict=True):
+            recipes[candidate_id(c).hex()] = c
             history.append(
                 {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
             )
-            if s < best[0]:
-                best = (s, c)
-        say(
-            f"unode: search generation {generation}: best {min(scores):.4f} (start {start_score:.4f})"
-        )
+        picks = [0] if generation == 0 else []
+        picks.append(min(range(len(cands)), key=lambda i: (scores[i], i)))
+        for i in picks:
+            finalists.append(
+                {
+                    "generation": "start" if not finalists else generation,
+                    "candidate": candidate_id(cands[i]).hex(),
+                    "score": scores[i],
+                    "heldback": held[i] if cfg.guard else None,
+                }
+            )
+        line = f"unode: search generation {generation}: best {min(scores):.4f}"
+        if cfg.guard:
+            line += f", held back {finalists[-1]['heldback']:.4f}"
+        say(f"{line} (start {finalists[0]['score']:.4f})")
         generation += 1
+    # Unguarded: the best score (earliest on a tie), i.e. the best generation best.
+    chosen = min(range(len(finalists)), key=lambda i: (finalists[i]["score"], i))
+    if cfg.guard:
+        picked = guarded_pick([f["heldback"] for f in finalists])
+        if picked is None:
+            say("unode: no peer scored a held-back fold; the guard falls back to the search score")
+        else:
+            chosen = picked
+            f = finalists[chosen]
+            which = "the start" if chosen == 0 else f"generation {f['generation']}'s best"
+            say(
+                f"unode: the guard keeps {which}: held back {f['heldback']:.4f} "
+                f"(start {finalists[0]['heldback']:.4f})"
+            )
+    best = finalists[chosen]
     out: dict[str, Any] = {
-        "start_score": start_score,
-        "best_score": best[0],
-        "best_recipe": best[1],
+        "start_score": finalists[0]["score"],
+        "best_score": best["score"],
+        "best_recipe": recipes[best["candidate"]],
         "evaluated": len(history),
         "history": history,
         "expert_id": None,
     }
+    if cfg.guard:
+        out["guard"] = {
+            "metric": HELDBACK_METRIC,
+            "picked": best["generation"],
+            "start_heldback": finalists[0]["heldback"],
+            "best_heldback": best["heldback"],
+            "finalists": finalists,
+        }
     if cfg.merge is not None:
-        rid, eid = await merge_best(session, net, server, cfg, best[1], tmp, say)
+        rid, eid = await merge_best(session, net, server, cfg, out["best_recipe"], tmp, say)
         out.update(round_id=rid, expert_id=eid)
     return out
 

@@ -2,7 +2,9 @@
 this node's own held-out data (it never leaves the node) and publish signed Score records.
 
 Held-out data: the held-out split of `node.eval.corpora` for the domains of the experts this
-node hosts (UNODE_EVAL_DOMAINS overrides; a node with no known domain scores nothing).
+node hosts (UNODE_EVAL_DOMAINS overrides; a node with no known domain scores nothing). In a
+guarded search (`RoundSpec.guard`) those texts are cut in two folds by a hash bit: the search
+metric is scored on one, HELDBACK_METRIC on the other, which the search never optimises.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from node.rounds import records
 from node.rounds.inputs import RoundInputs
 from node.rounds.spec import RoundSpec, candidate_id
 from protocol.records import RoundProposal, Score
+from protocol.round_records import HELDBACK_METRIC, SCORE_METRIC
 
 log = logging.getLogger(__name__)
 EVAL_DOMAINS_ENV = "UNODE_EVAL_DOMAINS"
 EVAL_N_ENV = "UNODE_EVAL_N"
-METRIC = "bits_per_byte"
 
 
 def eval_texts(domain: str, n: int) -> list[str]:
@@ -33,8 +35,25 @@ def eval_texts(domain: str, n: int) -> list[str]:
     return [e.text for e in corpora.load(domain, n, "heldout")]
 
 
-def score_model(model_dir: Path, domains: list[str], n: int) -> list[tuple[str, float, int, bytes]]:
-    """(domain, bits per byte, tokens, eval set hash) per domain, on held-out texts."""
+def folds(texts: list[str], guard: bool) -> list[tuple[str, list[str]]]:
+    """(metric, texts) to score: every text for the search metric, or in a guarded search the
+    texts whose SHA-256 starts with an even byte for it and the rest for HELDBACK_METRIC (an
+    empty fold is left out)."""
+    if not guard:
+        return [(SCORE_METRIC, texts)]
+    odd = [hashlib.sha256(t.encode()).digest()[0] & 1 for t in texts]
+    cut = [
+        (SCORE_METRIC, [t for t, o in zip(texts, odd, strict=True) if not o]),
+        (HELDBACK_METRIC, [t for t, o in zip(texts, odd, strict=True) if o]),
+    ]
+    return [(m, f) for m, f in cut if f]
+
+
+def score_model(
+    model_dir: Path, domains: list[str], n: int, guard: bool = False
+) -> list[tuple[str, str, float, int, bytes]]:
+    """(domain, metric, bits per byte, tokens, eval set hash) per domain and fold, on held-out
+    texts (see `folds`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,10 +64,10 @@ def score_model(model_dir: Path, domains: list[str], n: int) -> list[tuple[str, 
     model.eval()
     out = []
     for d in domains:
-        texts = eval_texts(d, n)
-        n_tokens = sum(len(encode(tok, t)) for t in texts)
-        digest = hashlib.sha256("\0".join(texts).encode()).digest()
-        out.append((d, bits_per_byte(model, tok, texts), n_tokens, digest))
+        for metric, texts in folds(eval_texts(d, n), guard):
+            n_tokens = sum(len(encode(tok, t)) for t in texts)
+            digest = hashlib.sha256("\0".join(texts).encode()).digest()
+            out.append((d, metric, bits_per_byte(model, tok, texts), n_tokens, digest))
     return out
 
 
@@ -97,15 +116,19 @@ class ScoreRun:
         sources = self.inputs.sources
         await asyncio.to_thread(merge, recipe, out, progress=False, sources=sources, force=True)
         try:
-            results = await asyncio.to_thread(score_model, out, self.domains, self.n)
+            results = await asyncio.to_thread(
+                score_model, out, self.domains, self.n, self.spec.guard
+            )
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        for domain, value, n_tokens, digest in results:
-            rec = Score(self.rid, cid, domain, METRIC, float(value), n_tokens, digest)
+        for domain, metric, value, n_tokens, digest in results:
+            rec = Score(self.rid, cid, domain, metric, float(value), n_tokens, digest)
             await records.score(self.node.dht, self.node.identity, self.node.network, rec)
         self.scored.add(cid)
         metrics.UNITS_DONE.labels("search").inc()
-        shown = ", ".join(f"{d}={v:.4f}" for d, v, _, _ in results)
+        shown = ", ".join(
+            f"{d}={v:.4f}" if m == SCORE_METRIC else f"{d}.{m}={v:.4f}" for d, m, v, _, _ in results
+        )
         self.node.say(
             f"unode: round {self.rid.hex()[:12]}: scored candidate {cid.hex()[:12]}: {shown}"
         )

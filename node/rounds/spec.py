@@ -31,22 +31,23 @@ class RoundSpec:
     name: str = "merged"
     domain: str = "general"
     candidates: tuple[dict[str, Any], ...] = ()  # search mode: the recipes peers score
+    guard: bool = False  # search mode: peers also score a held-back fold (search.py)
 
     def to_bytes(self) -> bytes:
-        return codec.encode(
-            {
-                "v": SPEC_VERSION,
-                "mode": self.mode,
-                "recipe": self.recipe,
-                "units": [list(u) for u in self.units],
-                "claim_ttl": float(self.claim_ttl),
-                "verify_rate": float(self.verify_rate),
-                "name": self.name,
-                "domain": self.domain,
-                "candidates": list(self.candidates),
-            },
-            max_bytes=MAX_SPEC_BYTES,
-        )
+        fields: dict[str, Any] = {
+            "v": SPEC_VERSION,
+            "mode": self.mode,
+            "recipe": self.recipe,
+            "units": [list(u) for u in self.units],
+            "claim_ttl": float(self.claim_ttl),
+            "verify_rate": float(self.verify_rate),
+            "name": self.name,
+            "domain": self.domain,
+            "candidates": list(self.candidates),
+        }
+        if self.guard:  # only when set: unguarded specs keep the bytes (and hashes) they had
+            fields["guard"] = True
+        return codec.encode(fields, max_bytes=MAX_SPEC_BYTES)
 
     def hash(self) -> bytes:
         return record_hash(self.to_bytes())
@@ -68,7 +69,10 @@ class RoundSpec:
                 name=str(value["name"]),
                 domain=str(value["domain"]),
                 candidates=tuple(dict(c) for c in value["candidates"]),
+                guard=value.get("guard", False),
             )
+            if not isinstance(spec.guard, bool):
+                raise TypeError("guard is not a bool")
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"malformed round spec: {err}") from None
         if spec.mode not in MODES or not units or not 0.0 <= spec.verify_rate <= 1.0:
