@@ -778,7 +778,8 @@ def round_search_cmd(
         kept = ""
         if "guard" in result:
             g = result["guard"]
-            kept = f" (kept: {g['picked'] if g['picked'] == 'start' else 'generation ' + str(g['picked'])}, held back {g['best_heldback']:.4f} vs start {g['start_heldback']:.4f})"
+            which = "the start" if g["picked"] == "start" else f"generation {g['picked']}'s best"
+            kept = f" (kept {which}: held back {g['best_heldback']:.4f}, start {g['start_heldback']:.4f})"
         typer.echo(
             f"start {result['start_score']:.4f} -> best {result['best_score']:.4f}{kept}; expert {result['expert_id']}"
         )

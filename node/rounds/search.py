@@ -170,10 +170,11 @@ async def collect(
     metrics: tuple[str, ...] = (SCORE_METRIC,),
 ) -> dict[str, list[float]]:
     """Per metric, the comparable mean score per candidate once `scorers` peers scored each
-    (see `comparable_means`; inf for a candidate not scored in time). A scorer publishes one
-    record per domain and metric, so the answer is taken only when two reads a second apart
-    agree: otherwise a read between a scorer's records would judge the generation on part of
-    its domains."""
+    (see `comparable_means`; inf for a candidate not scored in time, and for every candidate on
+    a metric after the first that no scorer publishes). A scorer publishes one record per
+    domain and metric, so the answer is taken only when two reads a second apart agree:
+    otherwise a read between a scorer's records would judge the generation on part of its
+    domains."""
     deadline = time.monotonic() + timeout
     last: dict[str, list[Scored]] | None = None
     while True:
@@ -193,9 +194,13 @@ async def collect(
         }
         late = time.monotonic() > deadline
         means = {m: comparable_means(scored[m], scorers, final=late) for m in metrics}
-        ready = all(v is not None for v in means.values())
+        # A metric that no scorer publishes (nodes from before the guard) is not waited for.
+        absent = {m for m in metrics[1:] if not any(scored[m])}
+        ready = means[metrics[0]] is not None and all(
+            means[m] is not None or m in absent for m in metrics[1:]
+        )
         if ready and (late or scored == last):
-            return {m: [float(x) for x in v or []] for m, v in means.items()}
+            return {m: [float(x) for x in means[m] or [math.inf] * len(cands)] for m in metrics}
         last = scored if ready else None
         await asyncio.sleep(1.0)
 
