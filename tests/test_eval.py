@@ -95,6 +95,27 @@ def test_exact_match_scores_the_greedy_answer(llama_family: Any) -> None:
     assert metrics.exact_match(model, tok, [wrong]) == 0.0
 
 
+def test_batched_greedy_hits_match_one_prompt_at_a_time(llama_family: Any) -> None:
+    # (the random GPT-2 fixture says nothing to these prompts: no verdict to compare)
+    tok = AutoTokenizer.from_pretrained(llama_family.base)
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]
+    prompts = [e.prompt for e in corpora.load("logic", 12) + corpora.load("arithmetic", 12)]
+    assert len({len(metrics.encode(tok, p + " ")) for p in prompts}) >= 2  # several lengths
+    examples, want = [], []
+    for i, prompt in enumerate(prompts):  # the answer is the prompt's own greedy text, or not
+        ids = torch.tensor([metrics.encode(tok, prompt + " ")])
+        out = model.generate(ids, max_new_tokens=3 + i % 3, do_sample=False, pad_token_id=0)
+        greedy = str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
+        right = bool(greedy) and i % 2 == 0  # a random model may say nothing at all
+        answer = greedy if right else greedy + "\u2603"
+        examples.append(corpora.Example("logic", "", prompt=prompt, answer=answer))
+        want.append(right)
+    assert sum(want) >= 3
+    assert metrics.greedy_hits(model, tok, examples, batch_size=1) == want
+    assert metrics.greedy_hits(model, tok, examples, batch_size=5) == want
+    assert metrics.exact_match(model, tok, examples) == pytest.approx(sum(want) / len(want))
+
+
 @pytest.mark.parametrize("domain", ["logic", "logic64"])
 def test_logic_answers_are_pythons_truth_values(domain: str) -> None:
     for ex in corpora.load(domain, 60) + corpora.load(domain, 20, "heldout"):

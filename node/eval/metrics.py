@@ -66,16 +66,49 @@ def _batch_nll(model: Any, batch: list[list[int]], pad: int) -> float:
 
 
 @torch.no_grad()
-def exact_match(model: Any, tokenizer: Any, examples: list[corpora.Example]) -> float:
+def greedy_hits(
+    model: Any, tokenizer: Any, examples: list[corpora.Example], batch_size: int = 32
+) -> list[bool]:
+    """Per example, whether its greedy continuation starts with the expected answer.
+
+    Prompts of the same token length are generated together (up to `batch_size` at a time),
+    so no row is padded and each continuation is the one a prompt alone would get; the batch
+    generates as many tokens as its longest answer needs (greedy text only grows, so a shorter
+    answer is judged on the same first tokens)."""
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
+    rows = [encode(tokenizer, ex.prompt + " ") for ex in examples]
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_len.setdefault(len(r), []).append(i)
+    hits = [False] * len(examples)
+    for idx in by_len.values():
+        for k in range(0, len(idx), max(1, batch_size)):
+            chunk = idx[k : k + max(1, batch_size)]
+            ids = torch.tensor([rows[i] for i in chunk])  # (B, T), no padding
+            n_new = max(
+                len(tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"])
+                for i in chunk
+            )
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new + 2,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            for row, i in enumerate(chunk):
+                text = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True)
+                hits[i] = text.strip().startswith(examples[i].answer)
+    return hits
+
+
+def exact_match(
+    model: Any, tokenizer: Any, examples: list[corpora.Example], batch_size: int = 32
+) -> float:
     """Share of prompts whose greedy continuation starts with the expected answer."""
-    hits = 0
-    for ex in examples:
-        ids = torch.tensor([encode(tokenizer, ex.prompt + " ")])
-        n_new = len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2
-        out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=0)
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        hits += text.strip().startswith(ex.answer)
-    return hits / max(len(examples), 1)
+    hits = greedy_hits(model, tokenizer, examples, batch_size)
+    return sum(hits) / max(len(examples), 1)
 
 
 def evaluate(
