@@ -36,6 +36,7 @@ from node.zoo.search import cma_search, gain_kept, layer_recipe, retention
 DOMAINS = ("arithmetic", "logic", "arithlogic", "python", "prose")
 IN_DOMAIN = {"arith": ("arithmetic",), "code": ("logic", "python"), "prose": ("prose",)}
 UNIFORM_GRID = (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
+FLOOR_PENALTY = 4.0  # objective lost per unit of bits-per-byte share kept below `--floor`
 
 
 class Zoo:
@@ -92,13 +93,26 @@ class Objective:
     best: dict[str, Score]
     two_skill_weight: float = 1.0
     task_bpb: Mapping[str, float] = field(default_factory=dict)  # domain -> best expert's
+    # `--floor`: minus FLOOR_PENALTY x (floor - kept) for each expert's in-domain bits per byte
+    # kept below `floor` (claim (a)'s measure, so the search respects its threshold)
+    floor: float = 0.0
+    in_domain_bpb: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, experts: dict[str, dict[str, Score]], args: argparse.Namespace) -> Objective:
         """The objective against these experts' scores (all on the same half)."""
         bpb = {d: min(sc[d].bits_per_byte for sc in experts.values())
                for d in TASKS if d != "arithlogic"} if args.task_bpb else {}  # fmt: skip
-        return cls(best_expert(experts), args.two_skill_weight, bpb)
+        own = {(e, d): experts[e][d].bits_per_byte for e, ds in IN_DOMAIN.items() for d in ds}
+        return cls(best_expert(experts), args.two_skill_weight, bpb, args.floor, own)
+
+    def shortfall(self, scores: dict[str, Score]) -> float:
+        """Sum over experts' in-domain bits per byte of how far the share kept is below the
+        floor (0 when every one is at or above it)."""
+        return sum(
+            max(0.0, self.floor - ref / scores[d].bits_per_byte)
+            for (_, d), ref in self.in_domain_bpb.items()
+        ) if self.floor > 0 else 0.0  # fmt: skip
 
     def __call__(self, scores: dict[str, Score]) -> float:
         kept = retention(scores, self.best, "skill")
@@ -108,7 +122,8 @@ class Objective:
         weights = {d: self.two_skill_weight if d == "arithlogic" else 1.0 for d in kept}
         for d, ref_bpb in self.task_bpb.items():
             kept[f"{d}:bpb"], weights[f"{d}:bpb"] = ref_bpb / scores[d].bits_per_byte, 1.0
-        return sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
+        mean = sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
+        return mean - FLOOR_PENALTY * self.shortfall(scores)
 
 
 def best_expert(expert_scores: dict[str, dict[str, Score]]) -> dict[str, Score]:
@@ -293,6 +308,13 @@ def main() -> None:
     ap.add_argument("--task-bpb", action="store_true",
                     help="add the arithmetic and logic bits per byte kept to the objective")  # fmt: skip
     ap.add_argument("--two-skill-weight", type=float, default=1.0, help="in the objective")
+    ap.add_argument(
+        "--floor",
+        type=float,
+        default=0.0,
+        help="penalise every expert's in-domain bits per byte kept below this share "
+        "(e.g. 0.92: claim (a)'s .9 with a margin for the other half); 0: off",
+    )
     ap.add_argument("--no-guard", dest="guard", action="store_false",
                     help="search on the whole search half and keep its best (no held-back "
                     "fold; session 5's runs)")  # fmt: skip
