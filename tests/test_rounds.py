@@ -514,16 +514,25 @@ def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm)
     args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2]]
     args += ["--corpus", str(corpus), "--shards", "3", "--max-steps", "2", "--wait", "--json"]
     args += ["--network", swarm.network, "--initial-peers", swarm.nodes[0].maddr]
-    for attempt in range(3):  # on a loaded machine the honest host may take every shard first
-        res = subprocess.run([UNODE, *args, "--name", f"fused-{attempt}", "--timeout", "180"],
-                             capture_output=True, text=True, timeout=240,
-                             env={**os.environ, **FAST})  # fmt: skip
-        texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], swarm.nodes[2], liar))
-        assert res.returncode == 0, res.stderr[-2000:] + texts
-        rid = json.loads(res.stdout[res.stdout.index("{\n") :])["round_id"]
-        lied = liar.text().count(f"round {rid[:12]}: summarized shard")
-        if lied >= 1:
-            break
+    # The honest host of the source is paused until the liar has summarized a shard of this
+    # round: otherwise, on a loaded machine, the honest host may take every shard first.
+    before = liar.text().count(": summarized shard")
+    honest_pid = swarm.nodes[2].proc.pid
+    os.kill(honest_pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen([UNODE, *args, "--name", "fused-liar", "--timeout", "180"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **FAST})  # fmt: skip
+        deadline = time.monotonic() + 120
+        while liar.text().count(": summarized shard") == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(honest_pid, signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=240)
+    texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], swarm.nodes[2], liar))
+    assert proc.returncode == 0, stderr[-2000:] + texts
+    rid = json.loads(stdout[stdout.index("{\n") :])["round_id"]
+    lied = liar.text().count(f"round {rid[:12]}: summarized shard")
     assert lied >= 1, liar.text()[-2000:]
     honest = swarm.nodes[2].text()
     # The liar's shards were either refused on content ("rejected unit", then summarized again)
