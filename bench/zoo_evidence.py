@@ -45,7 +45,7 @@ class Zoo:
     """Paths and cached test-half scores of one built zoo."""
 
     def __init__(self, root: Path, n: int, n_search: int, work: Path) -> None:
-        self.root, self.n, self.n_search, self.work, self.count = root, n, n_search, work, 0
+        self.root, self.n, self.n_search, self.work = root, n, n_search, work
         self.made: dict[str, Path] = {}  # recipe (JSON) -> merged model
         self.experts = [root / name for name in IN_DOMAIN]
         self.n_layers = int(
@@ -57,8 +57,7 @@ class Zoo:
         recipe = layer_recipe(self.root / "base", self.experts, weights, self.n_layers)
         key = json.dumps(recipe, sort_keys=True)
         if key not in self.made:
-            self.count += 1
-            self.made[key] = self.work / f"m{self.count}"
+            self.made[key] = self.work / f"m{len(self.made) + 1}"
             merge(recipe, self.made[key], progress=False)
         return self.made[key]
 

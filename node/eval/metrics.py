@@ -81,10 +81,10 @@ def greedy_hits(
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_len.setdefault(len(r), []).append(i)
-    hits = [False] * len(examples)
+    hits, step = [False] * len(examples), max(1, batch_size)
     for idx in by_len.values():
-        for k in range(0, len(idx), max(1, batch_size)):
-            chunk = idx[k : k + max(1, batch_size)]
+        for k in range(0, len(idx), step):
+            chunk = idx[k : k + step]
             ids = torch.tensor([rows[i] for i in chunk])  # (B, T), no padding
             n_new = max(
                 len(tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"])

@@ -278,7 +278,7 @@ async def search(
     )
     history: list[dict[str, Any]] = []
     finalists: list[dict[str, Any]] = []  # the start, then each generation's best
-    recipes: dict[str, dict[str, Any]] = {}
+    recipes: dict[str, dict[str, Any]] = {}  # candidate id -> recipe, for the finalists
     generation = 0
     while len(history) < cfg.budget:
         xs = es.ask()
@@ -286,23 +286,23 @@ async def search(
         if generation == 0:
             cands[0] = candidate(cfg.recipe, space, x0)  # score the starting point too
         got = await score_generation(session, net, server, proposal0, cands, cfg)
-        scores = got[SCORE_METRIC]
-        held = got.get(HELDBACK_METRIC, [math.inf] * len(cands))
+        scores, held = got[SCORE_METRIC], got.get(HELDBACK_METRIC)  # held: None unguarded
         es.tell(xs, [s if math.isfinite(s) else 1e9 for s in scores])
         for c, s in zip(cands, scores, strict=True):
-            recipes[candidate_id(c).hex()] = c
             history.append(
                 {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
             )
         picks = [0] if generation == 0 else []
         picks.append(min(range(len(cands)), key=lambda i: (scores[i], i)))
         for i in picks:
+            cid = candidate_id(cands[i]).hex()
+            recipes[cid] = cands[i]
             finalists.append(
                 {
                     "generation": "start" if not finalists else generation,
-                    "candidate": candidate_id(cands[i]).hex(),
+                    "candidate": cid,
                     "score": scores[i],
-                    "heldback": held[i] if cfg.guard else None,
+                    "heldback": held[i] if held else None,
                 }
             )
         line = f"unode: search generation {generation}: best {min(scores):.4f}"
