@@ -743,6 +743,14 @@ def round_search_cmd(
             "start or a generation's best, whichever is best on the held-back half.",
         ),
     ] = False,
+    floor: Annotated[
+        float,
+        typer.Option(
+            help="Keep every expert's domain: generation 0 also scores each expert alone, and a "
+            "candidate keeping less than this share of the best expert's bits per byte on a "
+            "peer's domain has its score raised by 4x the shortfall (e.g. 0.92; 0: off).",
+        ),
+    ] = 0.0,
     out: Annotated[Path | None, typer.Option(help="Write the best recipe (YAML) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     key: RoundKey = None,
@@ -766,6 +774,7 @@ def round_search_cmd(
             groups=int(_round_check("--groups", groups, 1, 1000)), sigma=_round_check("--sigma", sigma, 1e-4, 10),
             scorers=int(_round_check("--scorers", scorers, 1, 1000)), score_timeout=score_timeout,
             merge=MergeRoundConfig(rec, name="searched") if merge_best else None, guard=guard,
+            floor=_round_check("--floor", floor, 0, 1),
         )  # fmt: skip
         result = run_search(_round_net(network, initial_peers, key), cfg, typer.echo)
     except UserError as err:

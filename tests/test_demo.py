@@ -121,6 +121,7 @@ def test_demo_search_and_fusion_rounds(quick_demo: dict[str, Any]) -> None:
     out = quick_demo["out"]
     search = out["rounds"]["search"]
     assert search["evaluated"] == 3 and search["best_score"] <= search["start_score"]
+    assert search["guard_picked"] in ("start", 0)  # guarded: the start or generation 0's best
     weights = search["best_recipe"]["models"][0]["parameters"]["weight"]
     assert [w.get("filter") for w in weights] == ["self_attn", "mlp", None]
     assert len(weights[0]["value"]["layers"]) == 4

@@ -385,7 +385,7 @@ def test_search_round_improves_on_its_starting_recipe(swarm: Swarm) -> None:
     assert len(scored) >= 1
 
 
-def test_guarded_search_keeps_the_finalist_best_on_held_back_texts(swarm: Swarm) -> None:
+def test_guarded_floored_search_keeps_the_finalist_best_on_held_back_texts(swarm: Swarm) -> None:
     start_recipe = recipe(*(f"unode://{i}" for i in swarm.ids))
     start_recipe["merge_method"] = "task_arithmetic"
     for m in start_recipe["models"]:
@@ -394,7 +394,8 @@ def test_guarded_search_keeps_the_finalist_best_on_held_back_texts(swarm: Swarm)
     path.write_text(yaml.safe_dump(start_recipe))
     args = ["round", "search", str(path), "--network", swarm.network, "--initial-peers"]
     args += [swarm.nodes[0].maddr, "--budget", "6", "--population", "3", "--sigma", "0.3"]
-    args += ["--guard", "--no-merge", "--json", "--out", str(swarm.tmp / "guarded-best.yml")]
+    args += ["--guard", "--floor", "1.0", "--no-merge", "--json"]
+    args += ["--out", str(swarm.tmp / "guarded-best.yml")]
     res = subprocess.run(
         [UNODE, *args], capture_output=True, text=True, timeout=240, env={**os.environ, **FAST}
     )
@@ -425,6 +426,15 @@ def test_guarded_search_keeps_the_finalist_best_on_held_back_texts(swarm: Swarm)
     assert out["expert_id"] is None  # --no-merge
     scorers = [n for n in swarm.nodes if "prose.heldback_bpb=" in n.text()]
     assert scorers, "no node published a held-back score"
+    # The floor: each expert alone was scored first, and every score is its mean raised by 4x
+    # the share below the floor (1.0: any pair where the candidate is worse than the best).
+    floor = out["floor"]
+    assert floor["floor"] == 1.0 and len(floor["references"]) == len(start_recipe["models"])
+    assert all(math.isfinite(r["score"]) and 0 < r["score"] < 20 for r in floor["references"])
+    for h in out["history"]:
+        assert h["shortfall"] >= 0
+        assert math.isclose(h["score"], h["mean"] * (1 + 4 * h["shortfall"]))
+    assert any(h["shortfall"] > 0 for h in out["history"])
 
 
 def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:

@@ -162,6 +162,48 @@ def test_guard_picks_the_lowest_held_back_score_and_the_start_on_a_tie() -> None
     assert guarded_pick([math.inf, math.inf]) is None  # no held-back scores: no pick
 
 
+def test_floor_raises_the_score_of_a_candidate_that_gives_up_a_domain() -> None:
+    from node.rounds.search import FLOOR_PENALTY, floored, references, shortfall
+
+    # Two experts alone, each best on one peer's domain; the references are those bests.
+    alone_x = {(X, "prose"): 2.0, (Y, "logic"): 0.9}
+    alone_y = {(X, "prose"): 2.6, (Y, "logic"): 0.5}
+    refs = references([alone_x, alone_y])
+    assert refs == {(X, "prose"): 2.0, (Y, "logic"): 0.5}
+    # A merge that keeps both (2.0/2.1 = .952 and .5/.52 = .962 of the best): no penalty.
+    keeps = {(X, "prose"): 2.1, (Y, "logic"): 0.52}
+    assert shortfall(keeps, refs, 0.92) == 0.0
+    assert floored(keeps, refs, 0.92) == (2.1 + 0.52) / 2
+    # One with a better mean that gives up logic (.5/.7 = .714 kept): penalised.
+    gives_up = {(X, "prose"): 1.8, (Y, "logic"): 0.7}
+    assert (1.8 + 0.7) / 2 < (2.1 + 0.52) / 2
+    assert math.isclose(shortfall(gives_up, refs, 0.92), 0.92 - 0.5 / 0.7)
+    expect = (1.8 + 0.7) / 2 * (1 + FLOOR_PENALTY * (0.92 - 0.5 / 0.7))
+    assert math.isclose(floored(gives_up, refs, 0.92), expect)
+    assert floored(gives_up, refs, 0.92) > floored(keeps, refs, 0.92)
+    # A pair without a reference is not penalised; an unscored candidate stays unscored.
+    assert shortfall({(Z, "python"): 9.0}, refs, 0.92) == 0.0
+    assert floored({}, refs, 0.92) == math.inf
+
+
+def test_floor_references_are_each_expert_alone() -> None:
+    from node.rounds.search import make_space, reference_candidates
+
+    base, a, b = "unode://" + "0" * 64, "unode://" + "a" * 64, "unode://" + "b" * 64
+    recipe = {"merge_method": "ties", "base_model": base,
+              "models": [{"model": base}, {"model": a}, {"model": b}]}  # fmt: skip
+    space, _ = make_space(recipe, groups=2, n_layers=4)
+    refs = reference_candidates(recipe, space)
+    assert len(refs) == 2
+    for j, ref in enumerate(refs):
+        for i, m in enumerate(ref["models"][1:]):
+            for p, want in (("weight", float(i == j)), ("density", 1.0)):
+                values = [v["value"] for v in m["parameters"][p]]
+                flat = [x for v in values for x in (v["layers"] if isinstance(v, dict) else [v])]
+                assert flat and all(x == want for x in flat), (j, i, p, values)
+    assert "parameters" not in ref["models"][0]  # the base is not searched
+
+
 def test_guarded_spec_round_trips_and_unguarded_bytes_do_not_change() -> None:
     from node.rounds.spec import RoundSpec
     from protocol import codec

@@ -127,8 +127,10 @@ def run_rounds(swarm: Swarm, models: DemoModels, say: Say) -> dict[str, steps.Ro
     say(f"search round: CMA-ES over layer-wise weights, {budget} candidates scored by peers")
     searched = steps.search_round(swarm, models, ids, budget, pop)
     s = searched.info
+    picked = (s.get("guard") or {}).get("picked", "-")
+    kept = "the start" if picked == "start" else f"generation {picked}'s best"
     say(f"search round done in {searched.seconds:.1f}s: start {s['start_score']:.4f} "
-        f"-> best {s['best_score']:.4f} bits per byte")  # fmt: skip
+        f"-> kept {s['best_score']:.4f} bits per byte ({kept}, by held-back texts)")  # fmt: skip
     say(f"fusion round: {models.target.name} learns from the experts' top-k distributions")
     fused = steps.fusion_round(swarm, models, ids)
     say(f"fusion round done in {fused.seconds:.1f}s")
@@ -154,10 +156,13 @@ def score_all(
 
 def _round_json(r: steps.RoundResult) -> dict[str, Any]:
     keep = ("units", "start_score", "best_score", "evaluated", "bit_identical", "best_recipe")
+    guard = r.info.get("guard")
+    picked = {"guard_picked": guard["picked"]} if guard else {}
     return {
         "round_id": r.round_id,
         "expert_id": r.expert_id,
         "expert_dir": str(r.expert_dir),
         "seconds": round(r.seconds, 1),
         **{k: r.info[k] for k in keep if k in r.info},
+        **picked,
     }

@@ -88,6 +88,7 @@ def search_round(
     args = ["round", "search", str(path), "--budget", str(budget), "--population"]
     args += [str(population), "--groups", "2", "--sigma", "0.2", "--out", str(best)]
     args += ["--scorers", "2"]  # both expert hosts: every candidate scored on the same domains
+    args += ["--guard"]  # keep the start unless a generation's best is better on held-back texts
     t0 = time.perf_counter()
     out = swarm.run_json(args, 1800)
     expert = swarm.wait_expert(out["round_id"])

@@ -9,6 +9,13 @@ metric, which CMA-ES sees) and on the other fold (HELDBACK_METRIC, which it neve
 recipe kept is then the one, among the start and each generation's best, that is best on the
 held-back fold (the start wins a tie), so a search that only fits its own texts returns the
 start instead of an over-fitted recipe.
+
+With `floor` (a share, e.g. .92), generation 0 also scores each searched expert alone (its
+weight 1, the others' 0: the recipe's own method makes the expert itself). A (scorer, domain)
+pair's reference is the best of those scores. A candidate whose bits per byte on a pair keep
+less than `floor` of the reference (reference / candidate < floor) is penalised: its score is
+its mean times 1 + FLOOR_PENALTY x the sum of those shortfalls. So a recipe that wins on average
+by giving up one peer's domain loses. The held-back fold is penalised the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from node.rounds.spec import RoundSpec, candidate_id
 from protocol.records import RoundProposal
 from protocol.round_records import HELDBACK_METRIC, SCORE_METRIC
 
+FLOOR_PENALTY = 4.0  # a score grows by this share per unit of share kept below the floor
 MODULES = ("self_attn", "mlp")  # filters per module class; other tensors get one more value
 DENSITY_METHODS = (
     "ties",
@@ -66,6 +74,7 @@ class SearchConfig:
     seed: int = 0
     merge: MergeRoundConfig | None = None  # the final merge round (None: do not merge)
     guard: bool = False  # pick among generation bests on a held-back fold (module doc)
+    floor: float = 0.0  # penalise giving up an expert's domain below this share (module doc)
 
 
 @dataclass(frozen=True)
@@ -130,18 +139,18 @@ def candidate(recipe: dict[str, Any], space: Space, x: list[float]) -> dict[str,
     return out
 
 
-Scored = dict[tuple[bytes, str], float]  # (scorer, domain) -> bits per byte
+Pair = tuple[bytes, str]  # (scorer, domain)
+Scored = dict[Pair, float]  # (scorer, domain) -> bits per byte
 
 
-def comparable_means(scored: list[Scored], scorers: int, final: bool = False) -> list[float] | None:
-    """Mean score per candidate over the same (scorer, domain) pairs for every candidate, so
-    that no candidate is judged on easier held-out data than another; None while fewer than
-    `scorers` peers have scored every candidate. With `final` (the deadline has passed) the
-    pairs are those of the peer that scored the most candidates, and a candidate missing any of
-    them gets inf."""
+def comparable_pairs(scored: list[Scored], scorers: int, final: bool = False) -> set[Pair] | None:
+    """The (scorer, domain) pairs every candidate is judged on: those that every candidate has,
+    once `scorers` peers are among them (None before). With `final` (the deadline has passed)
+    they are the pairs of the peer that scored the most candidates (a candidate missing one is
+    then unscored). No candidate is judged on easier held-out data than another."""
     common = set.intersection(*(set(s) for s in scored)) if scored else set()
     if len({owner for owner, _ in common}) >= scorers and common:
-        return [sum(s[k] for k in common) / len(common) for s in scored]
+        return common
     if not final:
         return None
     # Past the deadline: judge on the pairs of the peer that scored the most candidates.
@@ -150,14 +159,46 @@ def comparable_means(scored: list[Scored], scorers: int, final: bool = False) ->
         for owner in {o for o, _ in s}:
             counts[owner] = counts.get(owner, 0) + 1
     if not counts:
-        return [math.inf] * len(scored)
+        return set()
     best = max(counts, key=lambda o: (counts[o], o))
     have = [{k for k in s if k[0] == best} for s in scored]
-    pairs = set.intersection(*(h for h in have if h))
-    return [
-        sum(s[k] for k in pairs) / len(pairs) if pairs and pairs <= set(s) else math.inf
-        for s in scored
-    ]
+    return set.intersection(*(h for h in have if h))
+
+
+def judged(scored: list[Scored], pairs: set[Pair]) -> list[Scored]:
+    """Each candidate's scores on `pairs`; {} for a candidate that lacks one (unscored)."""
+    return [{k: s[k] for k in pairs} if pairs and pairs <= set(s) else {} for s in scored]
+
+
+def mean_of(s: Scored) -> float:
+    return sum(s.values()) / len(s) if s else math.inf
+
+
+def comparable_means(scored: list[Scored], scorers: int, final: bool = False) -> list[float] | None:
+    """Mean score per candidate over `comparable_pairs` (inf for a candidate not scored on
+    them); None while fewer than `scorers` peers have scored every candidate."""
+    pairs = comparable_pairs(scored, scorers, final)
+    return None if pairs is None else [mean_of(s) for s in judged(scored, pairs)]
+
+
+def shortfall(s: Scored, refs: Scored, floor: float) -> float:
+    """Sum over the pairs with a reference of how far the share kept (reference / score, for
+    bits per byte) falls below `floor`; 0 when every pair keeps at least that."""
+    return sum(max(0.0, floor - refs[k] / v) for k, v in s.items() if k in refs and v > 0)
+
+
+def floored(s: Scored, refs: Scored, floor: float) -> float:
+    """The search score: the mean, raised by FLOOR_PENALTY x the shortfall below `floor`."""
+    return mean_of(s) * (1.0 + FLOOR_PENALTY * shortfall(s, refs, floor))
+
+
+def references(scored: list[Scored]) -> Scored:
+    """Per pair, the best (lowest) score of the experts scored alone."""
+    refs: Scored = {}
+    for s in scored:
+        for k, v in s.items():
+            refs[k] = min(v, refs.get(k, math.inf))
+    return refs
 
 
 async def collect(
@@ -168,10 +209,10 @@ async def collect(
     scorers: int,
     timeout: float,
     metrics: tuple[str, ...] = (SCORE_METRIC,),
-) -> dict[str, list[float]]:
-    """Per metric, the comparable mean score per candidate once `scorers` peers scored each
-    (see `comparable_means`; inf for a candidate not scored in time, and for every candidate on
-    a metric after the first that no scorer publishes). A scorer publishes one record per
+) -> dict[str, list[Scored]]:
+    """Per metric, each candidate's scores on the comparable pairs once `scorers` peers scored
+    each (see `comparable_pairs`; {} for a candidate not scored in time, and for every candidate
+    on a metric after the first that no scorer publishes). A scorer publishes one record per
     domain and metric, so the answer is taken only when two reads a second apart agree:
     otherwise a read between a scorer's records would judge the generation on part of its
     domains."""
@@ -193,14 +234,14 @@ async def collect(
             for m in metrics
         }
         late = time.monotonic() > deadline
-        means = {m: comparable_means(scored[m], scorers, final=late) for m in metrics}
+        pairs = {m: comparable_pairs(scored[m], scorers, final=late) for m in metrics}
         # A metric that no scorer publishes (nodes from before the guard) is not waited for.
         absent = {m for m in metrics[1:] if not any(scored[m])}
-        ready = means[metrics[0]] is not None and all(
-            means[m] is not None or m in absent for m in metrics[1:]
+        ready = pairs[metrics[0]] is not None and all(
+            pairs[m] is not None or m in absent for m in metrics[1:]
         )
         if ready and (late or scored == last):
-            return {m: [float(x) for x in means[m] or [math.inf] * len(cands)] for m in metrics}
+            return {m: judged(scored[m], pairs[m] or set()) for m in metrics}
         last = scored if ready else None
         await asyncio.sleep(1.0)
 
@@ -212,8 +253,8 @@ async def score_generation(
     first: RoundProposal,
     cands: list[dict[str, Any]],
     cfg: SearchConfig,
-) -> dict[str, list[float]]:
-    """Propose one generation as a search round and collect its mean scores per metric."""
+) -> dict[str, list[Scored]]:
+    """Propose one generation as a search round and collect its scores per metric."""
     ids = tuple((candidate_id(c).hex(),) for c in cands)
     spec = RoundSpec(
         "search", cfg.recipe, ids, candidates=tuple(cands), name="search", guard=cfg.guard
@@ -263,6 +304,18 @@ async def merge_best(
     return rid.hex(), await wait_for_expert(session, net.network, rid, cfg.score_timeout, say)
 
 
+def reference_candidates(recipe: dict[str, Any], space: Space) -> list[dict[str, Any]]:
+    """Each searched expert alone: its weight 1 (and density 1), every other weight 0."""
+    out = []
+    for j in range(len(space.models)):
+        x: list[float] = []
+        for i in range(len(space.models)):
+            for p in space.params:
+                x += [1.0 if p == "density" else float(i == j)] * space.per_param
+        out.append(candidate(recipe, space, x))
+    return out
+
+
 async def search(
     session: Session, net: NetworkConfig, cfg: SearchConfig, tmp: Path, say: Say
 ) -> dict[str, Any]:
@@ -279,19 +332,39 @@ async def search(
     history: list[dict[str, Any]] = []
     finalists: list[dict[str, Any]] = []  # the start, then each generation's best
     recipes: dict[str, dict[str, Any]] = {}  # candidate id -> recipe, for the finalists
+    refs: dict[str, Scored] = {}  # per metric, the experts' best score per pair (`floor`)
+    alone: list[dict[str, Any]] = []
     generation = 0
+
+    def value(metric: str, s: Scored) -> float:
+        return floored(s, refs.get(metric, {}), cfg.floor) if cfg.floor > 0 else mean_of(s)
+
     while len(history) < cfg.budget:
         xs = es.ask()
         cands = [candidate(cfg.recipe, space, list(x)) for x in xs]
+        extra: list[dict[str, Any]] = []
         if generation == 0:
             cands[0] = candidate(cfg.recipe, space, x0)  # score the starting point too
-        got = await score_generation(session, net, server, proposal0, cands, cfg)
-        scores, held = got[SCORE_METRIC], got.get(HELDBACK_METRIC)  # held: None unguarded
+            extra = reference_candidates(cfg.recipe, space) if cfg.floor > 0 else []
+        got = await score_generation(session, net, server, proposal0, extra + cands, cfg)
+        if extra:  # the floor's references: each expert alone, scored with generation 0
+            refs = {m: references(v[: len(extra)]) for m, v in got.items()}
+            for i, (c, mine) in enumerate(zip(extra, got[SCORE_METRIC], strict=False)):
+                name = cfg.recipe["models"][space.models[i]].get("model")
+                alone.append({"model": name, "candidate": candidate_id(c).hex(),
+                              "score": mean_of(mine)})  # fmt: skip
+            got = {m: v[len(extra) :] for m, v in got.items()}
+            say("unode: floor references (each expert alone): "
+                + ", ".join(f"{a['score']:.4f}" for a in alone))  # fmt: skip
+        scores = [value(SCORE_METRIC, s) for s in got[SCORE_METRIC]]
+        held = [value(HELDBACK_METRIC, s) for s in got[HELDBACK_METRIC]] if cfg.guard else None
         es.tell(xs, [s if math.isfinite(s) else 1e9 for s in scores])
-        for c, s in zip(cands, scores, strict=True):
-            history.append(
-                {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
-            )
+        for c, s, raw in zip(cands, scores, got[SCORE_METRIC], strict=True):
+            row = {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
+            if cfg.floor > 0:
+                row |= {"mean": mean_of(raw),
+                        "shortfall": shortfall(raw, refs.get(SCORE_METRIC, {}), cfg.floor)}  # fmt: skip
+            history.append(row)
         picks = [0] if generation == 0 else []
         picks.append(min(range(len(cands)), key=lambda i: (scores[i], i)))
         for i in picks:
@@ -341,6 +414,8 @@ async def search(
             "best_heldback": best["heldback"],
             "finalists": finalists,
         }
+    if cfg.floor > 0:
+        out["floor"] = {"floor": cfg.floor, "penalty": FLOOR_PENALTY, "references": alone}
     if cfg.merge is not None:
         rid, eid = await merge_best(session, net, server, cfg, out["best_recipe"], tmp, say)
         out.update(round_id=rid, expert_id=eid)
