@@ -127,10 +127,12 @@ def run_rounds(swarm: Swarm, models: DemoModels, say: Say) -> dict[str, steps.Ro
     say(f"search round: CMA-ES over layer-wise weights, {budget} candidates scored by peers")
     searched = steps.search_round(swarm, models, ids, budget, pop)
     s = searched.info
-    picked = (s.get("guard") or {}).get("picked", "-")
-    kept = "the start" if picked == "start" else f"generation {picked}'s best"
+    picked = (s.get("guard") or {}).get("picked")
+    kept = {None: "unguarded", "start": "the start, by held-back texts"}.get(
+        picked, f"generation {picked}'s best, by held-back texts"
+    )
     say(f"search round done in {searched.seconds:.1f}s: start {s['start_score']:.4f} "
-        f"-> kept {s['best_score']:.4f} bits per byte ({kept}, by held-back texts)")  # fmt: skip
+        f"-> kept {s['best_score']:.4f} bits per byte ({kept})")  # fmt: skip
     say(f"fusion round: {models.target.name} learns from the experts' top-k distributions")
     fused = steps.fusion_round(swarm, models, ids)
     say(f"fusion round done in {fused.seconds:.1f}s")
