@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import tempfile
@@ -31,6 +32,7 @@ import torch
 
 from node.eval import corpora
 from node.eval.corpora import Example
+from node.eval.floor import FLOOR_PENALTY, shortfall
 from node.merge.api import merge
 from node.zoo import build, default_dir, load_manifest
 from node.zoo.scores import TASKS, Score, answer_hits, heldout, score_dir
@@ -40,7 +42,6 @@ DOMAINS = ("arithmetic", "logic", "arithlogic", "python", "prose")
 IN_DOMAIN = {"arith": ("arithmetic",), "code": ("logic", "python"), "prose": ("prose",)}
 UNIFORM_GRID = (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
 PAIRED_POOL = 12_000  # test-half two-skill examples drawn; about 2,600 distinct among them
-FLOOR_PENALTY = 4.0  # objective lost per unit of bits-per-byte share kept below `--floor`
 
 
 class Zoo:
@@ -64,10 +65,11 @@ class Zoo:
             merge(recipe, self.made[key], progress=False)
         return self.made[key]
 
+    @functools.cached_property
     def paired_prompts(self) -> list[Example]:
         """Distinct test-half two-skill prompts, in the generator's order: all of them (about
         2,600) unless `n_paired` caps it. The generator repeats prompts; a paired test counts
-        each once."""
+        each once. Drawn once: the merge, the base and every expert are scored on them."""
         seen: dict[str, Example] = {}
         for e in heldout("arithlogic", PAIRED_POOL, "test"):
             seen.setdefault(e.text, e)
@@ -81,7 +83,7 @@ class Zoo:
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         with torch.no_grad():
-            hits = answer_hits(model, tok, self.paired_prompts())
+            hits = answer_hits(model, tok, self.paired_prompts)
         return np.array([all(h) for h in hits])
 
     def n_of(self, half: str) -> int:
@@ -122,11 +124,9 @@ class Objective:
 
     def shortfall(self, scores: dict[str, Score]) -> float:
         """Sum over experts' in-domain bits per byte of how far the share kept is below the
-        floor (0 when every one is at or above it)."""
-        return sum(
-            max(0.0, self.floor - ref / scores[d].bits_per_byte)
-            for (_, d), ref in self.in_domain_bpb.items()
-        ) if self.floor > 0 else 0.0  # fmt: skip
+        floor (0 when every one is at or above it): the network search's rule, per expert."""
+        mine = {(e, d): scores[d].bits_per_byte for e, d in self.in_domain_bpb}
+        return shortfall(mine, self.in_domain_bpb, self.floor)
 
     def __call__(self, scores: dict[str, Score]) -> float:
         kept = retention(scores, self.best, "skill")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import UserError
+from node.eval.floor import FLOOR_PENALTY, shortfall
 from node.network.config import NetworkConfig
 from node.network.service import BlobServer
 from node.network.session import Session
@@ -47,7 +48,6 @@ from node.rounds.spec import RoundSpec, candidate_id
 from protocol.records import RoundProposal
 from protocol.round_records import HELDBACK_METRIC, SCORE_METRIC
 
-FLOOR_PENALTY = 4.0  # a score grows by this share per unit of share kept below the floor
 MODULES = ("self_attn", "mlp")  # filters per module class; other tensors get one more value
 DENSITY_METHODS = (
     "ties",
@@ -179,12 +179,6 @@ def comparable_means(scored: list[Scored], scorers: int, final: bool = False) ->
     them); None while fewer than `scorers` peers have scored every candidate."""
     pairs = comparable_pairs(scored, scorers, final)
     return None if pairs is None else [mean_of(s) for s in judged(scored, pairs)]
-
-
-def shortfall(s: Scored, refs: Scored, floor: float) -> float:
-    """Sum over the pairs with a reference of how far the share kept (reference / score, for
-    bits per byte) falls below `floor`; 0 when every pair keeps at least that."""
-    return sum(max(0.0, floor - refs[k] / v) for k, v in s.items() if k in refs and v > 0)
 
 
 def floored(s: Scored, refs: Scored, floor: float) -> float:
@@ -335,10 +329,6 @@ async def search(
     refs: dict[str, Scored] = {}  # per metric, the experts' best score per pair (`floor`)
     alone: list[dict[str, Any]] = []
     generation = 0
-
-    def value(metric: str, s: Scored) -> float:
-        return floored(s, refs.get(metric, {}), cfg.floor) if cfg.floor > 0 else mean_of(s)
-
     while len(history) < cfg.budget:
         xs = es.ask()
         cands = [candidate(cfg.recipe, space, list(x)) for x in xs]
@@ -349,15 +339,21 @@ async def search(
         got = await score_generation(session, net, server, proposal0, extra + cands, cfg)
         if extra:  # the floor's references: each expert alone, scored with generation 0
             refs = {m: references(v[: len(extra)]) for m, v in got.items()}
-            for i, (c, mine) in enumerate(zip(extra, got[SCORE_METRIC], strict=False)):
+            firsts = got[SCORE_METRIC][: len(extra)]
+            for i, (c, mine) in enumerate(zip(extra, firsts, strict=True)):
                 name = cfg.recipe["models"][space.models[i]].get("model")
                 alone.append({"model": name, "candidate": candidate_id(c).hex(),
                               "score": mean_of(mine)})  # fmt: skip
             got = {m: v[len(extra) :] for m, v in got.items()}
             say("unode: floor references (each expert alone): "
                 + ", ".join(f"{a['score']:.4f}" for a in alone))  # fmt: skip
-        scores = [value(SCORE_METRIC, s) for s in got[SCORE_METRIC]]
-        held = [value(HELDBACK_METRIC, s) for s in got[HELDBACK_METRIC]] if cfg.guard else None
+        # Without a floor there are no references, and a floored score is the mean.
+        scores = [floored(s, refs.get(SCORE_METRIC, {}), cfg.floor) for s in got[SCORE_METRIC]]
+        held = (
+            [floored(s, refs.get(HELDBACK_METRIC, {}), cfg.floor) for s in got[HELDBACK_METRIC]]
+            if cfg.guard
+            else None
+        )
         es.tell(xs, [s if math.isfinite(s) else 1e9 for s in scores])
         for c, s, raw in zip(cands, scores, got[SCORE_METRIC], strict=True):
             row = {"generation": generation, "candidate": candidate_id(c).hex(), "score": s}
