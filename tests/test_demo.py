@@ -122,6 +122,11 @@ def test_demo_search_and_fusion_rounds(quick_demo: dict[str, Any]) -> None:
     search = out["rounds"]["search"]
     assert search["evaluated"] == 3 and search["best_score"] <= search["start_score"]
     assert search["guard_picked"] in ("start", 0)  # guarded: the start or generation 0's best
+    floor = search["floor"]  # each searched expert alone was scored as the floor's reference
+    assert floor["floor"] == 0.92 and len(floor["references"]) == 2
+    searched = [m["model"] for m in search["best_recipe"]["models"]]
+    assert sorted(r["model"] for r in floor["references"]) == sorted(searched)
+    assert all(0 < r["score"] < 20 for r in floor["references"])
     weights = search["best_recipe"]["models"][0]["parameters"]["weight"]
     assert [w.get("filter") for w in weights] == ["self_attn", "mlp", None]
     assert len(weights[0]["value"]["layers"]) == 4

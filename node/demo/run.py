@@ -157,7 +157,8 @@ def score_all(
 
 
 def _round_json(r: steps.RoundResult) -> dict[str, Any]:
-    keep = ("units", "start_score", "best_score", "evaluated", "bit_identical", "best_recipe")
+    keep = ("units", "start_score", "best_score", "evaluated", "bit_identical", "best_recipe",
+            "floor")  # fmt: skip
     guard = r.info.get("guard")
     picked = {"guard_picked": guard["picked"]} if guard else {}
     return {

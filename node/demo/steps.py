@@ -79,6 +79,9 @@ def tensor_bytes(model_dir: Path) -> dict[str, bytes]:
     return out
 
 
+DEMO_FLOOR = 0.92  # the evidence bench's default (docs/rounds.md, "The floor")
+
+
 def search_round(
     swarm: Swarm, models: DemoModels, ids: dict[str, str], budget: int, population: int
 ) -> RoundResult:
@@ -89,6 +92,7 @@ def search_round(
     args += [str(population), "--groups", "2", "--sigma", "0.2", "--out", str(best)]
     args += ["--scorers", "2"]  # both expert hosts: every candidate scored on the same domains
     args += ["--guard"]  # keep the start unless a generation's best is better on held-back texts
+    args += ["--floor", str(DEMO_FLOOR)]  # and no expert's domain below this share of its own
     t0 = time.perf_counter()
     out = swarm.run_json(args, 1800)
     expert = swarm.wait_expert(out["round_id"])
