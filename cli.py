@@ -811,6 +811,13 @@ def round_fuse_cmd(
         bool, typer.Option("--wait", help="Follow the round until the expert is announced.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 1800.0,
+    verify_rate: Annotated[
+        float,
+        typer.Option(
+            help="Share of others' units each host of the source (and the trainer) "
+            "checks by recomputing a sample."
+        ),
+    ] = 0.25,
     name: Annotated[str, typer.Option(help="Name of the fused expert.")] = "fused",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     key: RoundKey = None,
@@ -825,7 +832,7 @@ def round_fuse_cmd(
     _network_logging(verbose)
     try:
         cfg = FuseRoundConfig(target, tuple(sources), corpus, int(_round_check("--shards", shards, 1, 4096)),
-                              name=name)  # fmt: skip
+                              verify_rate=_round_check("--verify-rate", verify_rate, 0, 1), name=name)  # fmt: skip
         cfg.train.update(max_steps=int(_round_check("--max-steps", max_steps, 1, 10**7)),
                          lr=_round_check("--lr", lr, 0, 1), lam=_round_check("--lam", lam, 0, 1))  # fmt: skip
         net = _round_net(network, initial_peers, key)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from safetensors import safe_open
@@ -553,4 +554,68 @@ def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm)
     fused = round_expert(done_nodes(swarm, rid)[0], rid)
     weights = load_file(str(next(fused.glob("*.safetensors"))))
     assert all(torch.isfinite(t).all() for t in weights.values())
+    liar.stop()
+
+
+def test_fusion_round_recomputes_plausible_summaries_and_refuses_them(swarm: Swarm) -> None:
+    """A second host of a source serves summaries that pass every content check but are wrong
+    (each position carries the previous one's distribution). With --verify-rate 1 the honest
+    host and the trainer recompute a sample of every unit they did not summarize: the liar is
+    refused, nobody refuses the honest host, and the trainer's summaries equal `summarize` of
+    each shard run here."""
+    from node.fusion.corpus import write_toy_corpus
+    from node.fusion.summaries import SummarySettings, summarize
+    from node.fusion.summary_store import SummaryReader
+
+    liar = start(swarm.tmp / "liar-plausible", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
+                 "--expert", str(swarm.dirs[2]), "--domain", "general",
+                 env={"UNODE_TEST_BAD_SUMMARIES": "plausible", "UNODE_ROUND_POLL": "0.1"})  # fmt: skip
+    swarm.nodes.append(liar)
+    corpus = write_toy_corpus(swarm.tmp / "corpus-plausible.jsonl", n=12, max_chars=120, seed=12)
+    args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2], "--shards", "2"]
+    args += ["--corpus", str(corpus), "--max-steps", "2", "--verify-rate", "1", "--wait", "--json"]
+    args += ["--network", swarm.network, "--initial-peers", swarm.nodes[0].maddr]
+    before = liar.text().count(": summarized shard")
+    honest = swarm.nodes[2]
+    os.kill(honest.proc.pid, signal.SIGSTOP)  # until the liar has served a shard (as above)
+    try:
+        proc = subprocess.Popen([UNODE, *args, "--name", "fused-plausible", "--timeout", "180"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **FAST})  # fmt: skip
+        deadline = time.monotonic() + 120
+        while liar.text().count(": summarized shard") == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(honest.proc.pid, signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=240)
+    texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], honest, liar))
+    assert proc.returncode == 0, stderr[-2000:] + texts
+    rid = json.loads(stdout[stdout.index("{\n") :])["round_id"]
+    assert liar.text().count(f"round {rid[:12]}: summarized shard") >= 1, liar.text()[-2000:]
+    liar_peer = liar.maddr.rsplit("/p2p/", 1)[1]
+    refusal = f"from {liar_peer[:16]} (a recomputed sample differs)"
+    assert any(refusal in n.text() for n in swarm.nodes if n is not liar), texts
+    assert f"round {rid[:12]}: rejected unit" not in liar.text()  # the honest host passes
+    # the trainer's summaries are the honest ones: equal to summarizing each shard here
+    root = round_expert(done_nodes(swarm, rid)[0], rid).parents[1]
+    used = SummaryReader(root / "summaries" / swarm.ids[2])
+    settings = SummarySettings(top_k=10, max_len=256)  # the round's (FuseRoundConfig.summary)
+    units = (liar.state / "rounds" / rid / "units").glob("[0-9]*")
+    served = {json.loads((u / "manifest.json").read_text())["corpus_sha256"]: u for u in units}
+    offset, lied = 0, 0
+    for k, shard in enumerate(sorted((root / "shards").glob("*.jsonl"))):
+        out = swarm.tmp / f"ref-{rid[:12]}-{k}"
+        ref = SummaryReader(summarize(swarm.dirs[2], shard, out, settings, progress=False).parent)
+        for i in range(ref.n_seqs):
+            got, want = used.sequence(offset + i), ref.sequence(i)
+            assert np.array_equal(got.topk_ids, want.topk_ids)
+            assert np.array_equal(got.topk_logp, want.topk_logp)
+        if ref.manifest["corpus_sha256"] in served:  # what the liar served is not the truth
+            bad = SummaryReader(served[ref.manifest["corpus_sha256"]])
+            lied += sum(
+                not np.array_equal(bad.sequence(i).topk_logp, ref.sequence(i).topk_logp)
+                for i in range(ref.n_seqs)
+            )
+        offset += ref.n_seqs
+    assert lied > 0
     liar.stop()

@@ -204,6 +204,32 @@ def summarize(
     return _finish(out_dir, model_dir, tok, head, shards, len(encs), vocab, has_offsets)
 
 
+def batches_of(n_seqs: int, s: SummarySettings) -> list[range]:
+    """The sequence batches `summarize` runs one forward pass on (within shards, in order)."""
+    return [
+        range(b, min(b + s.batch_size, first + s.shard_size, n_seqs))
+        for first in range(0, n_seqs, s.shard_size)
+        for b in range(first, min(first + s.shard_size, n_seqs), s.batch_size)
+    ]
+
+
+def summarize_batch(
+    model_dir: Path, corpus: Path, batch: range, settings: SummarySettings, extra: int = 0
+) -> dict[int, tuple[Encoded, dict[str, np.ndarray]]]:
+    """Recompute one batch of `batches_of` as `summarize` does (same encoding, same padded
+    forward pass: bit-identical on one machine), keeping `top_k + extra` candidates per row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = replace(settings, max_len=min(settings.max_len, _max_positions(Path(model_dir))))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    encs = _encode_corpus(tok, corpus, s.max_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    chosen = [encs[i] for i in batch]
+    rows = _forward_batch(model, chosen, replace(s, top_k=s.top_k + extra), pad_id)
+    return {i: (e, r) for i, e, r in zip(batch, chosen, rows, strict=True)}
+
+
 def _write_shard(out_dir: Path, name: str, builder: ShardBuilder) -> str:
     """Write under a temporary name, rename, return the file's SHA-256."""
     tmp = out_dir / (name + ".tmp")

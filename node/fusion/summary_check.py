@@ -22,6 +22,10 @@ class SummaryContentError(ValueError):
     """A summary shard whose content cannot be what `unode summarize` wrote."""
 
 
+class SummaryMismatchError(SummaryContentError):
+    """Summaries that pass the content checks but differ from a recomputation (summary_verify)."""
+
+
 def _fail(problem: str) -> None:
     raise SummaryContentError(problem)
 

@@ -3,6 +3,7 @@
 A summaries directory (node/fusion) has a `tokenizer/` subdirectory, which an expert manifest
 does not describe; packing flattens it to `tok.<file>`. Combining puts the per-shard summaries
 of one source back together as one directory for the whole corpus (sequence indexes offset).
+The trained output loses what differs between honest trainers (`portable_output`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from node.errors import UserError
@@ -55,6 +58,23 @@ def poison(d: Path) -> None:
     arrays["topk_logp"].flat[0] = float("nan")
     save_file(arrays, str(f), metadata={"format": FORMAT})
     mf["shards"][0]["sha256"] = file_sha256(f)
+    write_json_atomic(d / "manifest.json", mf)
+
+
+def mislead(d: Path) -> None:
+    """Test fault injector: plausible but wrong packed summaries `d` (hashes updated). Each
+    shard's prediction rows move down by one (every position gets the previous position's
+    distribution): shapes, ids, sorted finite log-probs all pass the content checks."""
+    mf = json.loads((d / "manifest.json").read_text())
+    for entry in mf["shards"]:
+        f = d / entry["file"]
+        a = load_file(str(f))
+        for name in ("topk_ids", "topk_logp", "token_nll"):
+            a[name] = np.roll(a[name], 1, axis=0)
+        nll = np.split(a["token_nll"].astype(np.float64), a["pred_ptr"][1:-1])
+        a["seq_ce"] = np.array([x.mean() if len(x) else 0.0 for x in nll], dtype=np.float32)
+        save_file(a, str(f), metadata={"format": FORMAT})
+        entry["sha256"] = file_sha256(f)
     write_json_atomic(d / "manifest.json", mf)
 
 
@@ -105,3 +125,33 @@ def combine(packed: list[Path], out: Path, corpus_sha256: str) -> None:
     write_json_atomic(tmp / "manifest.json", manifest)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
+
+
+LOCAL_PATH_KEYS = ("corpus", "out", "target", "path")
+
+
+def portable_output(out: Path, root: Path) -> None:
+    """Strip what differs between honest trainers, so each announces the same expert id.
+
+    Training is deterministic (same summaries, corpus, seed), but the lineage names local
+    paths and the loss log holds wall times: both would change the manifest hash. Paths are
+    dropped (content hashes stay) and the loss log moves next to the round's state.
+    """
+    losses = out / "train_log.jsonl"
+    if losses.exists():
+        losses.replace(root / "train_log.jsonl")
+    lineage_file = out / "lineage.json"
+    lineage = json.loads(lineage_file.read_text())
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: strip(v)
+                for k, v in node.items()
+                if k not in LOCAL_PATH_KEYS or not isinstance(v, str)
+            }
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    lineage_file.write_text(json.dumps(strip(lineage), indent=2, sort_keys=True) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import random
@@ -18,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.fusion.summary_check import SummaryContentError
+from node.fusion.summary_check import SummaryContentError, SummaryMismatchError
 from node.metrics import registry as metrics
+from node.network.discovery import find_providers
 from node.network.fetch import fetch_expert
 from node.network.hosting import Hosting
 from node.network.manifest import load_expert
@@ -30,7 +30,9 @@ from node.rounds.spec import RoundSpec
 from protocol.records import RoundProposal
 
 MAX_SHARD_BYTES = 64 << 20
-BAD_SUMMARIES_ENV = "UNODE_TEST_BAD_SUMMARIES"  # fault injector for tests: serve NaN summaries
+# fault injector for tests: "1" serves NaN summaries, "plausible" wrong ones that pass the
+# content checks (rows shifted by one position: caught only by recomputation)
+BAD_SUMMARIES_ENV = "UNODE_TEST_BAD_SUMMARIES"
 log = logging.getLogger(__name__)
 
 
@@ -43,8 +45,11 @@ class FuseRun:
         self.plan: dict[str, Any] = spec.recipe
         self.mine: dict[int, bytes] = {}
         self.done = False
-        self.bad: set[bytes] = set()  # owners whose summaries failed the content checks
-        self.checked: set[bytes] = set()  # unit results (digests) that passed them
+        self.bad: set[bytes] = set()  # owners whose summaries failed the checks below
+        self.checked: set[bytes] = set()  # unit results (digests) that passed the content checks
+        self.verified: set[bytes] = set()  # ... and matched a recomputed sample
+        self.conflicts: set[int] = set()  # units with differing results from honest owners
+        # sources this node can summarize: hosted, or fetched by a trainer to verify them
         self.local = {e.expert_id.hex(): e.model_dir for e, _ in node.hosting.experts}
         root.mkdir(parents=True, exist_ok=True)
         (root / "spec").write_bytes(spec.to_bytes())
@@ -72,9 +77,10 @@ class FuseRun:
             if self.me not in views[u].results:
                 await self._publish(u, 0)
         results = {u: self._result(u, v) for u, v in views.items()}
+        self.conflicts = {u for u, v in views.items() if len(set(self._honest(v).values())) > 1}
         for u, r in list(results.items()):  # check others' summaries of sources we host
             ours = u in self.mine or self._unit(u)[0] not in self.local
-            if r and not ours and r[0] not in self.checked and not await self._checked_unit(u, *r):
+            if r and not ours and not self._passed(u, r[0]) and not await self._checked_unit(u, *r):
                 results[u] = self._result(u, views[u])  # without the rejected owners
         todo = [u for u in range(n) if results[u] is None and self._unit(u)[0] in self.local]
         random.Random(self.me).shuffle(todo)
@@ -101,11 +107,27 @@ class FuseRun:
     def _result(self, u: int, view: records.UnitView) -> tuple[bytes, list[bytes]] | None:
         if u in self.mine:
             return self.mine[u], [self.me]
-        honest = {o: d for o, d in view.results.items() if o not in self.bad}
+        honest = self._honest(view)
         if not honest:
             return None
-        _, digest = min(honest.items())  # content-checked before use, not recomputed (docs)
+        _, digest = min(honest.items())  # checked before use: _checked_unit
         return digest, [o for o, d in honest.items() if d == digest]
+
+    def _honest(self, view: records.UnitView) -> dict[bytes, bytes]:
+        return {o: d for o, d in view.results.items() if o not in self.bad}
+
+    def _seed(self, u: int) -> bytes:
+        return bytes(self.rid + self.me + u.to_bytes(4, "big"))
+
+    def _to_verify(self, u: int, digest: bytes) -> bool:
+        """Whether a peer's result is recomputed in part: a seeded sample of `verify_rate` of
+        the units (as in merge rounds), and every unit whose honest owners disagree."""
+        if self.mine.get(u) == digest or digest in self.verified:
+            return False
+        return u in self.conflicts or random.Random(self._seed(u)).random() < self.spec.verify_rate
+
+    def _passed(self, u: int, digest: bytes) -> bool:
+        return digest in self.checked and not self._to_verify(u, digest)
 
     async def _shard(self, k: int) -> Path:
         path = self.root / "shards" / f"{k:05d}.jsonl"
@@ -129,19 +151,25 @@ class FuseRun:
     def proposal_owner(self) -> bytes:
         return bytes(self.node.proposers[self.rid])
 
+    def _settings(self) -> Any:
+        from node.fusion.summaries import SummarySettings
+
+        opts = self.plan["summary"]
+        return SummarySettings(top_k=int(opts["top_k"]), max_len=int(opts["max_len"]))
+
     async def _summarize(self, u: int) -> None:
-        from node.fusion.summaries import SummarySettings, summarize
+        from node.fusion.summaries import summarize
 
         source, k = self._unit(u)
         shard = await self._shard(k)
         start = time.monotonic()
         raw = self.root / "raw" / str(u)
-        opts = self.plan["summary"]
-        settings = SummarySettings(top_k=int(opts["top_k"]), max_len=int(opts["max_len"]))
-        await asyncio.to_thread(summarize, self.local[source], shard, raw, settings, False)
+        await asyncio.to_thread(summarize, self.local[source], shard, raw, self._settings(), False)
         fuse_data.pack(raw, self.root / "units" / str(u))
-        if os.environ.get(BAD_SUMMARIES_ENV, "") == "1":
-            fuse_data.poison(self.root / "units" / str(u))
+        fault = os.environ.get(BAD_SUMMARIES_ENV, "")
+        if fault in ("1", "plausible"):
+            bad = fuse_data.poison if fault == "1" else fuse_data.mislead
+            bad(self.root / "units" / str(u))
         self.mine[u] = self._serve(self.root / "units" / str(u))
         await self._publish(u, int((time.monotonic() - start) * 1000))
         metrics.UNITS_DONE.labels("fusion").inc()
@@ -155,25 +183,60 @@ class FuseRun:
         )
 
     async def _checked_unit(self, u: int, digest: bytes, owners: list[bytes]) -> Path | None:
-        """The unit's summaries, fetched and content-checked; None (owners rejected for this
-        round, their copy deleted) if they cannot be what `unode summarize` writes."""
+        """The unit's summaries, fetched, content-checked and, if `_to_verify`, compared with a
+        recomputed sample; None (owners rejected for this round, their copy deleted) if they
+        cannot be what `unode summarize` writes with the source."""
         d = await self._fetch_unit(u, digest, owners)
-        if digest in self.checked:
-            return d
         try:
-            await asyncio.to_thread(fuse_data.check_packed, d)
+            if digest not in self.checked:
+                await asyncio.to_thread(fuse_data.check_packed, d)
+                self.checked.add(digest)
+            if self._to_verify(u, digest):
+                await self._verify(u, d)
+                self.verified.add(digest)
         except SummaryContentError as err:
             if self.mine.get(u) == digest:
                 raise  # our own summaries: a bug here, not a bad peer
             self.bad.update(owners)
+            self.checked.discard(digest)
             shutil.rmtree(d, ignore_errors=True)
             who = ", ".join(records.peer_of(o)[:16] for o in owners)
             log.warning("round %s: rejected summaries of unit %d from %s: %s", self.rid.hex()[:12],
                         u, ", ".join(map(records.peer_of, owners)), err)  # fmt: skip
-            self.node.say(f"unode: round {self.rid.hex()[:12]}: rejected unit {u} from {who}")
+            why = (
+                "a recomputed sample differs"
+                if isinstance(err, SummaryMismatchError)
+                else "bad content"
+            )
+            self.node.say(
+                f"unode: round {self.rid.hex()[:12]}: rejected unit {u} from {who} ({why})"
+            )
             return None
-        self.checked.add(digest)
         return d
+
+    async def _verify(self, u: int, d: Path) -> None:
+        """Recompute one seeded batch of unit `u`'s sequences (summary_verify.py)."""
+        from node.fusion.summary_verify import verify_sample
+
+        source, k = self._unit(u)
+        model, shard = await self._source(source), await self._shard(k)
+        start = time.monotonic()
+        batch = await asyncio.to_thread(
+            verify_sample, d, model, shard, self._settings(), self._seed(u)
+        )
+        log.info("round %s: unit %d: sequences %d..%d match a recomputation (%.2f s)",
+                 self.rid.hex()[:12], u, batch.start, batch.stop - 1, time.monotonic() - start)  # fmt: skip
+
+    async def _source(self, source: str) -> Path:
+        """A source model: hosted, or fetched (a trainer verifying units of a source it does not
+        host; from then on it may also summarize that source's rejected shards)."""
+        if source not in self.local:
+            out, eid = self.root / "sources" / source, bytes.fromhex(source)
+            if not out.is_dir():
+                providers = await find_providers(self.node.dht, self.node.network, eid)
+                await fetch_expert(self.node.p2p, providers, eid, out)
+            self.local[source] = out
+        return Path(self.local[source])
 
     async def _fetch_unit(self, u: int, digest: bytes, owners: list[bytes]) -> Path:
         if self.mine.get(u) == digest:
@@ -244,38 +307,8 @@ class FuseRun:
             extra_lineage={"round_id": self.rid.hex()},
         )
         await asyncio.to_thread(fuse, cfg)
-        portable_output(out, self.root)
+        fuse_data.portable_output(out, self.root)
         return bytes(await self.node.host_expert(out, self.spec.domain, self.rid))
 
     def close(self) -> None:
         return None
-
-
-LOCAL_PATH_KEYS = ("corpus", "out", "target", "path")
-
-
-def portable_output(out: Path, root: Path) -> None:
-    """Strip what differs between honest trainers, so each announces the same expert id.
-
-    Training is deterministic (same summaries, corpus, seed), but the lineage names local
-    paths and the loss log holds wall times: both would change the manifest hash. Paths are
-    dropped (content hashes stay) and the loss log moves next to the round's state.
-    """
-    log = out / "train_log.jsonl"
-    if log.exists():
-        log.replace(root / "train_log.jsonl")
-    lineage_file = out / "lineage.json"
-    lineage = json.loads(lineage_file.read_text())
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: strip(v)
-                for k, v in node.items()
-                if k not in LOCAL_PATH_KEYS or not isinstance(v, str)
-            }
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    lineage_file.write_text(json.dumps(strip(lineage), indent=2, sort_keys=True) + "\n")

@@ -47,6 +47,7 @@ class FuseRoundConfig:
     )
     summary: dict[str, Any] = field(default_factory=lambda: {"top_k": 10, "max_len": 256})
     claim_ttl: float = 300.0
+    verify_rate: float = 0.25  # share of others' units each host of their source recomputes in part
     deadline: float = 6 * 3600.0
     name: str = "fused"
     domain: str = "general"
@@ -69,7 +70,7 @@ def run_fuse_round(
             "summary": cfg.summary,
         }
         units = tuple((f"{s.hex()}:{k}",) for s in sources for k in range(len(shards)))
-        spec = RoundSpec("fuse", plan, units, cfg.claim_ttl, 0.0, cfg.name, cfg.domain)
+        spec = RoundSpec("fuse", plan, units, cfg.claim_ttl, cfg.verify_rate, cfg.name, cfg.domain)
         proposal = RoundProposal(
             "fusion",
             (target, *sources),
