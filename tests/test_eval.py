@@ -59,6 +59,25 @@ def test_bits_per_byte_matches_the_model_loss(llama_family: Any) -> None:
     assert metrics.bits_per_byte(model, tok, texts) == pytest.approx(pooled, rel=1e-4)
 
 
+def test_bits_per_byte_past_the_window_counts_only_the_bytes_it_scored(llama_family: Any) -> None:
+    """A text cut at the 256-token window is divided by the bytes of its kept tokens, not by
+    the whole text's (which would flatter a tokenizer that packs fewer bytes per token)."""
+    tok = AutoTokenizer.from_pretrained(llama_family.base)
+    model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]
+    text = " ".join(f"item {i} costs {3 * i} coins;" for i in range(200))
+    ids = metrics.encode(tok, text)
+    assert len(ids) == 256 and len(tok(text, add_special_tokens=False)["input_ids"]) > 256
+    covered = metrics.scored_bytes(tok, text)
+    assert 0 < covered < len(text.encode())
+    assert tok.decode(ids[1:]).strip() == text[:covered].strip()  # exactly the kept tokens' text
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        loss = model(input_ids=ids_t, labels=ids_t).loss.item()
+    expected = loss * (len(ids) - 1) / math.log(2) / covered
+    assert metrics.bits_per_byte(model, tok, [text]) == pytest.approx(expected, rel=1e-4)
+    assert metrics.scored_bytes(tok, "short text") == len(b"short text")
+
+
 def test_bits_per_byte_splits_batches_whose_logits_pass_the_budget(
     llama_family: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,12 +30,29 @@ def encode(tokenizer: Any, text: str, max_len: int = 256) -> list[int]:
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
 
+def scored_bytes(tokenizer: Any, text: str, max_len: int = 256) -> int:
+    """UTF-8 bytes of the part of `text` that `encode` keeps: all of it, or up to the end of
+    the last kept token when the text is cut at `max_len` (a tokenizer that packs fewer bytes
+    per token is cut earlier, so counting the whole text would flatter it)."""
+    keep = max_len - 1
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= keep:
+        return len(text.encode("utf-8"))
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets: decode what is kept
+        return len(tokenizer.decode(ids[:keep]).encode("utf-8"))
+    end = max(stop for _, stop in offsets["offset_mapping"][:keep])
+    return len(text[:end].encode("utf-8"))
+
+
 LOGITS_BUDGET = 1 << 29  # bytes of fp32 logits one forward pass may hold (large vocabularies)
 
 
 @torch.no_grad()
 def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> float:
-    """Total negative log-likelihood in bits over total UTF-8 bytes of the texts. A batch whose
+    """Total negative log-likelihood in bits over the UTF-8 bytes it covers (a text longer than
+    the 256-token window counts up to its last scored token: `scored_bytes`). A batch whose
     logits would pass LOGITS_BUDGET (a 262k vocabulary: 268 MB a row at 256 tokens) is run a
     few rows at a time; small vocabularies keep the batch whole."""
     nll_nats, n_bytes = 0.0, 0
@@ -47,7 +64,7 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
         rows = max(1, min(len(batch), LOGITS_BUDGET // (width * vocab * 4)))
         for j in range(0, len(batch), rows):
             nll_nats += _batch_nll(model, batch[j : j + rows], pad)
-        n_bytes += sum(len(t.encode("utf-8")) for t in texts[i : i + batch_size])
+        n_bytes += sum(scored_bytes(tokenizer, t) for t in texts[i : i + batch_size])
     return nll_nats / math.log(2) / max(n_bytes, 1)
 
 
