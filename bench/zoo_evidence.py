@@ -1,7 +1,8 @@
 """Evidence that the zoo's experts merge and fuse well, measured (docs/zoo.md records a run).
 
 (a) a layer-wise merge keeps >= 90% of each expert's in-domain score; (b) it beats every
-expert on the two-skill task (arithlogic: a sum and a boolean expression in one prompt);
+expert on the two-skill task (arithlogic: a sum and a boolean expression in one prompt), and
+in bits per byte on documents that need two text skills (prose and python in one document);
 (c) CMA-ES-searched layer-wise coefficients beat the best uniform coefficient, both chosen on
 the `search` half of the held-out split and compared on the `test` half (guarded: CMA-ES
 runs on one fold of the search half and its pick is made on the other; `--no-guard` searches
@@ -35,7 +36,15 @@ from node.eval.corpora import Example
 from node.eval.floor import FLOOR_PENALTY, shortfall
 from node.merge.api import merge
 from node.zoo import build, default_dir, load_manifest
-from node.zoo.scores import TASKS, Score, answer_hits, heldout, score_dir
+from node.zoo.scores import (
+    TASKS,
+    Score,
+    answer_hits,
+    heldout,
+    per_text_bpb,
+    score_dir,
+    two_skill_documents,
+)
 from node.zoo.search import cma_search, gain_kept, layer_recipe, retention
 
 DOMAINS = ("arithmetic", "logic", "arithlogic", "python", "prose")
@@ -195,6 +204,32 @@ def paired_two_skill(zoo: Zoo, merged: Path) -> dict[str, Any]:
     return out
 
 
+def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
+    """Claim (b) on texts: bits per byte of documents that need two text skills (a prose and a
+    python text of the test half in one document, both orders). Each merge against the base
+    and each expert: mean bits per byte, and how many documents it does better on than the
+    best expert (by mean), with an exact sign-test p."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = two_skill_documents(max(zoo.n // 4, 16), "test")
+    per: dict[str, np.ndarray] = {}
+    for name, path in [("base", zoo.root / "base"), *[(p.name, p) for p in zoo.experts],
+                       *merges.items()]:  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        per[name] = np.array(per_text_bpb(model, tok, docs))
+    total = sum(len(d.encode()) for d in docs)
+    sizes = np.array([len(d.encode()) for d in docs]) / total
+    means = {k: round(float((v * sizes).sum()), 4) for k, v in per.items()}  # bytes-weighted
+    best = min(IN_DOMAIN, key=lambda e: (means[e], e))
+    out: dict[str, Any] = {"n": len(docs), "bpb": means, "expert": best}
+    for name in merges:
+        b = int((per[name] < per[best]).sum())
+        c = int((per[best] < per[name]).sum())
+        out[name] = {"better_than_expert": b, "worse": c, "sign_p": round(exact_mcnemar(b, c), 6)}
+    return out
+
+
 def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     n_exp, groups = len(zoo.experts), zoo.n_layers + 1
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
@@ -243,6 +278,9 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
             for k, sc in test.items()
         },
         "b_paired": paired_two_skill(zoo, searched),
+        "b_documents": documents_two_skill(
+            zoo, {"uniform": zoo.merged(np.full((n_exp, groups), lam)), "searched": searched}
+        ),
         "c_objective_test": {k: round(on_test(test[k]), 4) for k in ("uniform", "searched")},
         # the same without `--floor`'s penalty (equal to the above when it is off)
         "c_objective_test_no_floor": {

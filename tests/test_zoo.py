@@ -117,6 +117,27 @@ def test_two_skill_task_answers_are_right() -> None:
         assert truth == ("T" if eval(expr) else "F")
 
 
+def test_two_skill_documents_join_a_prose_and_a_python_text_of_one_half() -> None:
+    from node.zoo.scores import heldout, two_skill_documents
+
+    docs = two_skill_documents(12, "test", width=120)
+    prose = [e.text for e in heldout("prose", 12, "test")]
+    code = [e.text for e in heldout("python", 12, "test")]
+    n = min(len(prose), len(code))
+    assert len(docs) == 2 * n and n >= 10
+    for i in range(n):  # prose first, then the same pair python first
+        cuts = [k for k in range(1, 121) if docs[i].startswith(prose[i][:k] + "\n\n")
+                and docs[n + i].endswith("\n\n" + prose[i][:k])]  # fmt: skip
+        assert len(cuts) == 1
+        head = prose[i][: cuts[0]]
+        tail = docs[i][len(head) + 2 :]
+        assert 0 < len(tail) <= 120 and code[i].startswith(tail)
+        assert docs[n + i] == f"{tail}\n\n{head}"
+        assert prose[i][len(head)] == " " and code[i][len(tail)] == " "  # cut at a space
+    search = {e.text[:40] for d in ("prose", "python") for e in heldout(d, 40, "search")}
+    assert not {d[:40] for d in docs} & search  # only the test half
+
+
 @pytest.mark.parametrize(("half", "hidden"), [("arith", "T"), ("logic", "56")])
 def test_an_expert_learns_only_its_half_of_the_two_skill_task(half: str, hidden: str) -> None:
     tok = train_zoo_tokenizer(tokenizer_corpus(per_domain=100), 384)

@@ -140,3 +140,24 @@ def score_dir(
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     return score_model(model, tok, domains, n, half, em)
+
+
+def two_skill_documents(n: int, half: Half = "test", width: int = 200) -> list[str]:
+    """Documents that need both text skills: a held-out prose text and a held-out python text
+    of `half`, each cut at its last space before `width` characters, joined by a blank line,
+    in both orders (up to 2n documents: prose first, then python first). Cut to fit together in
+    the 256-token window."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[:width].rsplit(" ", 1)[0]
+
+    prose = [cut(e.text) for e in heldout("prose", n, half)]
+    code = [cut(e.text) for e in heldout("python", n, half)]
+    pairs = list(zip(prose, code, strict=False))  # a half may hold fewer than n texts
+    return [f"{p}\n\n{c}" for p, c in pairs] + [f"{c}\n\n{p}" for p, c in pairs]
+
+
+@torch.no_grad()
+def per_text_bpb(model: Any, tokenizer: Any, texts: list[str]) -> list[float]:
+    """Bits per byte of each text alone (for paired comparisons between models)."""
+    return [metrics.bits_per_byte(model, tokenizer, [t]) for t in texts]
