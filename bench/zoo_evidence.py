@@ -90,7 +90,7 @@ class Zoo:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
         with torch.no_grad():
             hits = answer_hits(model, tok, self.paired_prompts)
         return np.array([all(h) for h in hits])
@@ -216,7 +216,7 @@ def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
     for name, path in [("base", zoo.root / "base"), *[(p.name, p) for p in zoo.experts],
                        *merges.items()]:  # fmt: skip
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
         per[name] = np.array(per_text_bpb(model, tok, docs))
     total = sum(len(d.encode()) for d in docs)
     sizes = np.array([len(d.encode()) for d in docs]) / total
@@ -279,7 +279,15 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
         },
         "b_paired": paired_two_skill(zoo, searched),
         "b_documents": documents_two_skill(
-            zoo, {"uniform": zoo.merged(np.full((n_exp, groups), lam)), "searched": searched}
+            zoo,
+            {
+                "uniform": zoo.merged(np.full((n_exp, groups), lam)),
+                "searched": searched,
+                # the two experts the documents need, plain task arithmetic (nothing tuned)
+                "code+prose": zoo.merged(
+                    np.array([[float(p.name in ("code", "prose"))] * groups for p in zoo.experts])
+                ),
+            },
         ),
         "c_objective_test": {k: round(on_test(test[k]), 4) for k in ("uniform", "searched")},
         # the same without `--floor`'s penalty (equal to the above when it is off)
