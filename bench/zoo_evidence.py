@@ -199,7 +199,7 @@ def paired_two_skill(zoo: Zoo, merged: Path) -> dict[str, Any]:
     for name, theirs in others.items():
         b, c = int((mine & ~theirs).sum()), int((theirs & ~mine).sum())
         out[name] = {"share": round(float(theirs.mean()), 4), "only_merge": b,
-                     "only_other": c, "exact_mcnemar_p": round(exact_mcnemar(b, c), 6)}  # fmt: skip
+                     "only_other": c, "exact_mcnemar_p": float(f"{exact_mcnemar(b, c):.3g}")}  # fmt: skip
     out["expert"] = max(IN_DOMAIN, key=lambda e: (out[e]["share"], e))
     return out
 
@@ -226,7 +226,11 @@ def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
     for name in merges:
         b = int((per[name] < per[best]).sum())
         c = int((per[best] < per[name]).sum())
-        out[name] = {"better_than_expert": b, "worse": c, "sign_p": round(exact_mcnemar(b, c), 6)}
+        out[name] = {
+            "better_than_expert": b,
+            "worse": c,
+            "sign_p": float(f"{exact_mcnemar(b, c):.3g}"),
+        }
     return out
 
 
