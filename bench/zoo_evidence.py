@@ -34,6 +34,7 @@ import torch
 from node.eval import corpora
 from node.eval.corpora import Example
 from node.eval.floor import FLOOR_PENALTY, shortfall
+from node.eval.metrics import bits_per_byte_each
 from node.merge.api import merge
 from node.zoo import build, default_dir, load_manifest
 from node.zoo.scores import (
@@ -41,7 +42,6 @@ from node.zoo.scores import (
     Score,
     answer_hits,
     heldout,
-    per_text_bpb,
     score_dir,
     two_skill_documents,
 )
@@ -217,7 +217,7 @@ def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
                        *merges.items()]:  # fmt: skip
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
-        per[name] = np.array(per_text_bpb(model, tok, docs))
+        per[name] = np.array(bits_per_byte_each(model, tok, docs))
     total = sum(len(d.encode()) for d in docs)
     sizes = np.array([len(d.encode()) for d in docs]) / total
     means = {k: round(float((v * sizes).sum()), 4) for k, v in per.items()}  # bytes-weighted

@@ -67,7 +67,7 @@ def test_bits_per_byte_past_the_window_counts_only_the_bytes_it_scored(llama_fam
     text = " ".join(f"item {i} costs {3 * i} coins;" for i in range(200))
     ids = metrics.encode(tok, text)
     assert len(ids) == 256 and len(tok(text, add_special_tokens=False)["input_ids"]) > 256
-    covered = metrics.scored_bytes(tok, text)
+    covered = metrics.encode_scored(tok, text)[1]
     assert 0 < covered < len(text.encode())
     assert tok.decode(ids[1:]).strip() == text[:covered].strip()  # exactly the kept tokens' text
     ids_t = torch.tensor([ids])
@@ -75,7 +75,7 @@ def test_bits_per_byte_past_the_window_counts_only_the_bytes_it_scored(llama_fam
         loss = model(input_ids=ids_t, labels=ids_t).loss.item()
     expected = loss * (len(ids) - 1) / math.log(2) / covered
     assert metrics.bits_per_byte(model, tok, [text]) == pytest.approx(expected, rel=1e-4)
-    assert metrics.scored_bytes(tok, "short text") == len(b"short text")
+    assert metrics.encode_scored(tok, "short text")[1] == len(b"short text")
 
 
 def test_bits_per_byte_splits_batches_whose_logits_pass_the_budget(

@@ -507,31 +507,29 @@ def test_fusion_round_completes_and_its_expert_loads(swarm: Swarm) -> None:
     assert not torch.equal(trained, base.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm) -> None:
-    """A second host of a source serves NaN summaries (hashes and signatures all valid): the
-    honest host of that source and the trainer refuse them on content, the honest host
-    summarizes those shards again, and the round still trains on good data only (without the
-    content checks the round fails: checked by hand, see docs/rounds.md)."""
-    import torch
-    from safetensors.torch import load_file
-
+def fuse_beside_a_liar(
+    swarm: Swarm, fault: str, tag: str, extra: list[str], seed: int
+) -> tuple[Node, str, str]:
+    """Start a second host of source 2 that serves bad summaries (`UNODE_TEST_BAD_SUMMARIES` =
+    `fault`) and run a fusion round of target 0 from source 2 to the end; the liar, the round
+    id and the nodes' last lines. The honest host of the source is paused until the liar has
+    summarized a shard of this round: otherwise, on a loaded machine, the honest host may take
+    every shard first."""
     from node.fusion.corpus import write_toy_corpus
 
-    liar = start(swarm.tmp / "liar-fuse", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
+    liar = start(swarm.tmp / f"liar-{tag}", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
                  "--expert", str(swarm.dirs[2]), "--domain", "general",
-                 env={"UNODE_TEST_BAD_SUMMARIES": "1", "UNODE_ROUND_POLL": "0.1"})  # fmt: skip
+                 env={"UNODE_TEST_BAD_SUMMARIES": fault, "UNODE_ROUND_POLL": "0.1"})  # fmt: skip
     swarm.nodes.append(liar)
-    corpus = write_toy_corpus(swarm.tmp / "corpus-liar.jsonl", n=12, max_chars=120, seed=11)
-    args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2]]
-    args += ["--corpus", str(corpus), "--shards", "3", "--max-steps", "2", "--wait", "--json"]
+    corpus = write_toy_corpus(swarm.tmp / f"corpus-{tag}.jsonl", n=12, max_chars=120, seed=seed)
+    args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2], *extra]
+    args += ["--corpus", str(corpus), "--max-steps", "2", "--wait", "--json"]
     args += ["--network", swarm.network, "--initial-peers", swarm.nodes[0].maddr]
-    # The honest host of the source is paused until the liar has summarized a shard of this
-    # round: otherwise, on a loaded machine, the honest host may take every shard first.
     before = liar.text().count(": summarized shard")
     honest_pid = swarm.nodes[2].proc.pid
     os.kill(honest_pid, signal.SIGSTOP)
     try:
-        proc = subprocess.Popen([UNODE, *args, "--name", "fused-liar", "--timeout", "180"],
+        proc = subprocess.Popen([UNODE, *args, "--name", f"fused-{tag}", "--timeout", "180"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **FAST})  # fmt: skip
         deadline = time.monotonic() + 120
@@ -545,6 +543,18 @@ def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm)
     rid = json.loads(stdout[stdout.index("{\n") :])["round_id"]
     lied = liar.text().count(f"round {rid[:12]}: summarized shard")
     assert lied >= 1, liar.text()[-2000:]
+    return liar, rid, texts
+
+
+def test_fusion_round_rejects_impossible_summaries_and_redoes_them(swarm: Swarm) -> None:
+    """A second host of a source serves NaN summaries (hashes and signatures all valid): the
+    honest host of that source and the trainer refuse them on content, the honest host
+    summarizes those shards again, and the round still trains on good data only (without the
+    content checks the round fails: checked by hand, see docs/rounds.md)."""
+    import torch
+    from safetensors.torch import load_file
+
+    liar, rid, _ = fuse_beside_a_liar(swarm, "1", "liar", ["--shards", "3"], seed=11)
     honest = swarm.nodes[2].text()
     # The liar's shards were either refused on content ("rejected unit", then summarized again)
     # or summarized by the honest host at the same time and never needed; either way the
@@ -563,35 +573,12 @@ def test_fusion_round_recomputes_plausible_summaries_and_refuses_them(swarm: Swa
     host and the trainer recompute a sample of every unit they did not summarize: the liar is
     refused, nobody refuses the honest host, and the trainer's summaries equal `summarize` of
     each shard run here."""
-    from node.fusion.corpus import write_toy_corpus
     from node.fusion.summaries import SummarySettings, summarize
     from node.fusion.summary_store import SummaryReader
 
-    liar = start(swarm.tmp / "liar-plausible", swarm.network, "--initial-peers", swarm.nodes[0].maddr,
-                 "--expert", str(swarm.dirs[2]), "--domain", "general",
-                 env={"UNODE_TEST_BAD_SUMMARIES": "plausible", "UNODE_ROUND_POLL": "0.1"})  # fmt: skip
-    swarm.nodes.append(liar)
-    corpus = write_toy_corpus(swarm.tmp / "corpus-plausible.jsonl", n=12, max_chars=120, seed=12)
-    args = ["round", "fuse", "--target", swarm.ids[0], "--sources", swarm.ids[2], "--shards", "2"]
-    args += ["--corpus", str(corpus), "--max-steps", "2", "--verify-rate", "1", "--wait", "--json"]
-    args += ["--network", swarm.network, "--initial-peers", swarm.nodes[0].maddr]
-    before = liar.text().count(": summarized shard")
-    honest = swarm.nodes[2]
-    os.kill(honest.proc.pid, signal.SIGSTOP)  # until the liar has served a shard (as above)
-    try:
-        proc = subprocess.Popen([UNODE, *args, "--name", "fused-plausible", "--timeout", "180"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **FAST})  # fmt: skip
-        deadline = time.monotonic() + 120
-        while liar.text().count(": summarized shard") == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        os.kill(honest.proc.pid, signal.SIGCONT)
-    stdout, stderr = proc.communicate(timeout=240)
-    texts = "\n".join(n.text()[-1500:] for n in (swarm.nodes[0], honest, liar))
-    assert proc.returncode == 0, stderr[-2000:] + texts
-    rid = json.loads(stdout[stdout.index("{\n") :])["round_id"]
-    assert liar.text().count(f"round {rid[:12]}: summarized shard") >= 1, liar.text()[-2000:]
+    liar, rid, texts = fuse_beside_a_liar(
+        swarm, "plausible", "plausible", ["--shards", "2", "--verify-rate", "1"], seed=12
+    )
     liar_peer = liar.maddr.rsplit("/p2p/", 1)[1]
     refusal = f"from {liar_peer[:16]} (a recomputed sample differs)"
     assert any(refusal in n.text() for n in swarm.nodes if n is not liar), texts

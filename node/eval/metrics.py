@@ -26,50 +26,68 @@ class DomainScore:
 
 def encode(tokenizer: Any, text: str, max_len: int = 256) -> list[int]:
     """Token ids of `text` with BOS prepended when the tokenizer defines one."""
-    ids: list[int] = list(tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1])
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return encode_scored(tokenizer, text, max_len)[0]
 
 
-def scored_bytes(tokenizer: Any, text: str, max_len: int = 256) -> int:
-    """UTF-8 bytes of the part of `text` that `encode` keeps: all of it, or up to the end of
-    the last kept token when the text is cut at `max_len` (a tokenizer that packs fewer bytes
-    per token is cut earlier, so counting the whole text would flatter it)."""
+def encode_scored(tokenizer: Any, text: str, max_len: int = 256) -> tuple[list[int], int]:
+    """`encode`'s ids and the UTF-8 bytes of the part of `text` they cover: all of it, or up
+    to the end of the last kept token when the text is cut at `max_len` (a tokenizer that packs
+    fewer bytes per token is cut earlier, so counting the whole text would flatter it)."""
     keep = max_len - 1
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     if len(ids) <= keep:
-        return len(text.encode("utf-8"))
-    try:
+        return bos + ids, len(text.encode("utf-8"))
+    try:  # a cut text: where its last kept token ends
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        covered = text[: max(stop for _, stop in offsets["offset_mapping"][:keep])]
     except NotImplementedError:  # a slow (Python) tokenizer has no offsets: decode what is kept
-        return len(tokenizer.decode(ids[:keep]).encode("utf-8"))
-    end = max(stop for _, stop in offsets["offset_mapping"][:keep])
-    return len(text[:end].encode("utf-8"))
+        covered = tokenizer.decode(ids[:keep])
+    return bos + ids[:keep], len(covered.encode("utf-8"))
 
 
 LOGITS_BUDGET = 1 << 29  # bytes of fp32 logits one forward pass may hold (large vocabularies)
 
 
 @torch.no_grad()
-def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> float:
-    """Total negative log-likelihood in bits over the UTF-8 bytes it covers (a text longer than
-    the 256-token window counts up to its last scored token: `scored_bytes`). A batch whose
-    logits would pass LOGITS_BUDGET (a 262k vocabulary: 268 MB a row at 256 tokens) is run a
-    few rows at a time; small vocabularies keep the batch whole."""
-    nll_nats, n_bytes = 0.0, 0
+def nll_and_bytes(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16
+) -> tuple[list[float], list[int]]:
+    """Per text, the summed next-token NLL (nats) and the UTF-8 bytes it covers
+    (`encode_scored`). A batch whose logits would pass LOGITS_BUDGET (a 262k vocabulary: 268 MB
+    a row at 256 tokens) is run a few rows at a time; small vocabularies keep the batch whole."""
+    nll: list[float] = []
+    n_bytes: list[int] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = int(model.get_output_embeddings().weight.shape[0])
     for i in range(0, len(texts), batch_size):
-        batch = [encode(tokenizer, t) for t in texts[i : i + batch_size]]
+        encoded = [encode_scored(tokenizer, t) for t in texts[i : i + batch_size]]
+        batch = [ids for ids, _ in encoded]
+        n_bytes += [n for _, n in encoded]
         width = max(len(b) for b in batch)
         rows = max(1, min(len(batch), LOGITS_BUDGET // (width * vocab * 4)))
         for j in range(0, len(batch), rows):
-            nll_nats += _batch_nll(model, batch[j : j + rows], pad)
-        n_bytes += sum(scored_bytes(tokenizer, t) for t in texts[i : i + batch_size])
-    return nll_nats / math.log(2) / max(n_bytes, 1)
+            nll += _batch_nll(model, batch[j : j + rows], pad)
+    return nll, n_bytes
 
 
-def _batch_nll(model: Any, batch: list[list[int]], pad: int) -> float:
-    """Summed next-token NLL (nats) of right-padded sequences."""
+def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> float:
+    """Total negative log-likelihood in bits over the UTF-8 bytes it covers (a text longer than
+    the 256-token window counts up to its last scored token: `encode_scored`)."""
+    nll, n_bytes = nll_and_bytes(model, tokenizer, texts, batch_size)
+    return sum(nll) / math.log(2) / max(sum(n_bytes), 1)
+
+
+def bits_per_byte_each(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16
+) -> list[float]:
+    """Bits per byte of each text alone (for paired comparisons between models)."""
+    nll, n_bytes = nll_and_bytes(model, tokenizer, texts, batch_size)
+    return [x / math.log(2) / max(n, 1) for x, n in zip(nll, n_bytes, strict=True)]
+
+
+def _batch_nll(model: Any, batch: list[list[int]], pad: int) -> list[float]:
+    """Summed next-token NLL (nats) of each right-padded sequence."""
     width = max(len(b) for b in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -79,7 +97,7 @@ def _batch_nll(model: Any, batch: list[list[int]], pad: int) -> float:
     logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     token_nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return float((token_nll * mask[:, 1:]).sum())
+    return [float(x) for x in (token_nll * mask[:, 1:]).sum(-1)]
 
 
 @torch.no_grad()

@@ -222,10 +222,10 @@ def summarize_batch(
 
     s = replace(settings, max_len=min(settings.max_len, _max_positions(Path(model_dir))))
     tok = AutoTokenizer.from_pretrained(model_dir)
-    encs = _encode_corpus(tok, corpus, s.max_len)
+    texts = load_corpus(corpus)
+    chosen = [encode(tok, texts[i].text, s.max_len) for i in batch]  # the batch's texts only
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    chosen = [encs[i] for i in batch]
     rows = _forward_batch(model, chosen, replace(s, top_k=s.top_k + extra), pad_id)
     return {i: (e, r) for i, e, r in zip(batch, chosen, rows, strict=True)}
 

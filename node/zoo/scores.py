@@ -155,9 +155,3 @@ def two_skill_documents(n: int, half: Half = "test", width: int = 200) -> list[s
     code = [cut(e.text) for e in heldout("python", n, half)]
     pairs = list(zip(prose, code, strict=False))  # a half may hold fewer than n texts
     return [f"{p}\n\n{c}" for p, c in pairs] + [f"{c}\n\n{p}" for p, c in pairs]
-
-
-@torch.no_grad()
-def per_text_bpb(model: Any, tokenizer: Any, texts: list[str]) -> list[float]:
-    """Bits per byte of each text alone (for paired comparisons between models)."""
-    return [metrics.bits_per_byte(model, tokenizer, [t]) for t in texts]
