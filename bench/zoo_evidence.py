@@ -205,8 +205,9 @@ def paired_two_skill(zoo: Zoo, merged: Path) -> dict[str, Any]:
 
 
 def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
-    """Claim (b) on texts: bits per byte of documents that need two text skills (a prose and a
-    python text of the test half in one document, both orders). Each merge against the base
+    """Claim (b) on texts: bits per byte of documents that need two text skills (a piece of a
+    prose text and the start of a python text of the test half in one document, both orders;
+    `two_skill_documents`: 300 documents at n = 300). Each merge against the base
     and each expert: mean bits per byte, and how many documents it does better on than the
     best expert (by mean), with an exact sign-test p."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -117,25 +117,37 @@ def test_two_skill_task_answers_are_right() -> None:
         assert truth == ("T" if eval(expr) else "F")
 
 
-def test_two_skill_documents_join_a_prose_and_a_python_text_of_one_half() -> None:
-    from node.zoo.scores import heldout, two_skill_documents
+def test_pieces_cut_a_text_at_spaces_and_keep_all_of_it() -> None:
+    from node.zoo.scores import pieces
+
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+    got = pieces(text, 20)
+    assert got == ["alpha beta gamma", "delta epsilon zeta", "eta theta iota", "kappa lambda mu"]
+    assert pieces("x" * 43, 20) == ["x" * 20, "x" * 20]  # no space: hard cuts; a 3-char tail
+    assert " ".join(pieces(text, 200)) == text
+
+
+def test_two_skill_documents_join_a_prose_piece_and_a_python_text_of_one_half() -> None:
+    from node.zoo.scores import heldout, pieces, two_skill_documents
 
     docs = two_skill_documents(12, "test", width=120)
     prose = [e.text for e in heldout("prose", 12, "test")]
-    code = [e.text for e in heldout("python", 12, "test")]
-    n = min(len(prose), len(code))
-    assert len(docs) == 2 * n and n >= 10
+    heads = [p for t in prose for p in pieces(t, 120)]
+    code = [e.text for e in heldout("python", len(heads), "test")]
+    n = len(heads)
+    assert len(docs) == 2 * n and n >= 3 * 12  # every piece of 12 ~400-character texts
     for i in range(n):  # prose first, then the same pair python first
-        cuts = [k for k in range(1, 121) if docs[i].startswith(prose[i][:k] + "\n\n")
-                and docs[n + i].endswith("\n\n" + prose[i][:k])]  # fmt: skip
-        assert len(cuts) == 1
-        head = prose[i][: cuts[0]]
-        tail = docs[i][len(head) + 2 :]
-        assert 0 < len(tail) <= 120 and code[i].startswith(tail)
+        head, _, tail = docs[i].partition("\n\n" + code[i][:1])
+        tail = code[i][:1] + tail
+        assert head == heads[i] and len(head) <= 120 and len(tail) <= 120
+        assert code[i].startswith(tail) and code[i][len(tail)] == " "  # cut at a space
         assert docs[n + i] == f"{tail}\n\n{head}"
-        assert prose[i][len(head)] == " " and code[i][len(tail)] == " "  # cut at a space
-    search = {e.text[:40] for d in ("prose", "python") for e in heldout(d, 40, "search")}
-    assert not {d[:40] for d in docs} & search  # only the test half
+    for t in prose:  # the pieces, rejoined, are the whole text (up to the spaces cut at)
+        assert "".join(pieces(t, 120)).replace(" ", "").replace("\n", "") == t.replace(
+            " ", ""
+        ).replace("\n", "")
+    search = {e.text for d in ("prose", "python") for e in heldout(d, 400, "search")}
+    assert not set(prose + code) & search  # only the test half
 
 
 @pytest.mark.parametrize(("half", "hidden"), [("arith", "T"), ("logic", "56")])

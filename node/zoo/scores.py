@@ -142,16 +142,27 @@ def score_dir(
     return score_model(model, tok, domains, n, half, em)
 
 
+def pieces(text: str, width: int) -> list[str]:
+    """`text` cut into consecutive pieces of at most `width` characters, each cut at its last
+    space (a piece under a quarter of `width` is dropped, as `corpora` drops short chunks)."""
+    out, rest = [], text
+    while rest:
+        head = rest if len(rest) <= width else rest[:width].rsplit(" ", 1)[0]
+        head = head if head.strip() else rest[:width]  # no space at all: a hard cut
+        if len(head.strip()) >= width // 4:
+            out.append(head)
+        rest = rest[len(head) :].lstrip()
+    return out
+
+
 def two_skill_documents(n: int, half: Half = "test", width: int = 200) -> list[str]:
-    """Documents that need both text skills: a held-out prose text and a held-out python text
-    of `half`, each cut at its last space before `width` characters, joined by a blank line,
-    in both orders (up to 2n documents: prose first, then python first). Cut to fit together in
-    the 256-token window."""
-
-    def cut(text: str) -> str:
-        return text if len(text) <= width else text[:width].rsplit(" ", 1)[0]
-
-    prose = [cut(e.text) for e in heldout("prose", n, half)]
-    code = [cut(e.text) for e in heldout("python", n, half)]
-    pairs = list(zip(prose, code, strict=False))  # a half may hold fewer than n texts
+    """Documents that need both text skills: a piece of a held-out prose text and the start of
+    a held-out python text of `half` in one document, joined by a blank line, in both orders
+    (prose first, then python first). The pieces are every `width`-character piece of the
+    first `n` prose texts (`pieces`), each with its own python text cut the same way, so both
+    fit together in the 256-token window."""
+    prose = [p for e in heldout("prose", n, half) for p in pieces(e.text, width)]
+    code = [(pieces(e.text, width) or [e.text[:width]])[0]
+            for e in heldout("python", len(prose), half)]  # fmt: skip
+    pairs = list(zip(prose, code, strict=False))  # a half may hold fewer python texts
     return [f"{p}\n\n{c}" for p, c in pairs] + [f"{c}\n\n{p}" for p, c in pairs]
