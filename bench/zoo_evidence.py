@@ -34,7 +34,7 @@ import torch
 from node.eval import corpora
 from node.eval.corpora import Example
 from node.eval.floor import FLOOR_PENALTY, shortfall
-from node.eval.metrics import bits_per_byte_each
+from node.eval.metrics import nll_and_bytes
 from node.merge.api import merge
 from node.zoo import build, default_dir, load_manifest
 from node.zoo.scores import (
@@ -42,6 +42,7 @@ from node.zoo.scores import (
     Score,
     answer_hits,
     heldout,
+    load,
     score_dir,
     two_skill_documents,
 )
@@ -87,10 +88,7 @@ class Zoo:
 
     def both_right(self, model_dir: Path) -> np.ndarray:
         """Per paired prompt, whether both halves of the answer are right (teacher-forced)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+        model, tok = load(model_dir)
         with torch.no_grad():
             hits = answer_hits(model, tok, self.paired_prompts)
         return np.array([all(h) for h in hits])
@@ -208,20 +206,16 @@ def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
     """Claim (b) on texts: bits per byte of documents that need two text skills (a piece of a
     prose text and the start of a python text of the test half in one document, both orders;
     `two_skill_documents`: 300 documents at n = 300). Each merge against the base
-    and each expert: mean bits per byte, and how many documents it does better on than the
-    best expert (by mean), with an exact sign-test p."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    and each expert: bits per byte over all the documents, and how many documents it does
+    better on than the best expert (by that), with an exact sign-test p."""
     docs = two_skill_documents(max(zoo.n // 4, 16), "test")
-    per: dict[str, np.ndarray] = {}
+    per: dict[str, np.ndarray] = {}  # bits per byte of each document
+    means: dict[str, float] = {}
     for name, path in [("base", zoo.root / "base"), *[(p.name, p) for p in zoo.experts],
                        *merges.items()]:  # fmt: skip
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
-        per[name] = np.array(bits_per_byte_each(model, tok, docs))
-    total = sum(len(d.encode()) for d in docs)
-    sizes = np.array([len(d.encode()) for d in docs]) / total
-    means = {k: round(float((v * sizes).sum()), 4) for k, v in per.items()}  # bytes-weighted
+        nll, n_bytes = map(np.array, nll_and_bytes(*load(path), docs))
+        per[name] = nll / math.log(2) / n_bytes
+        means[name] = round(float(nll.sum() / math.log(2) / n_bytes.sum()), 4)
     best = min(IN_DOMAIN, key=lambda e: (means[e], e))
     out: dict[str, Any] = {"n": len(docs), "bpb": means, "expert": best}
     for name in merges:

@@ -78,14 +78,6 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
     return sum(nll) / math.log(2) / max(sum(n_bytes), 1)
 
 
-def bits_per_byte_each(
-    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16
-) -> list[float]:
-    """Bits per byte of each text alone (for paired comparisons between models)."""
-    nll, n_bytes = nll_and_bytes(model, tokenizer, texts, batch_size)
-    return [x / math.log(2) / max(n, 1) for x, n in zip(nll, n_bytes, strict=True)]
-
-
 def _batch_nll(model: Any, batch: list[list[int]], pad: int) -> list[float]:
     """Summed next-token NLL (nats) of each right-padded sequence."""
     width = max(len(b) for b in batch)

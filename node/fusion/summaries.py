@@ -184,33 +184,35 @@ def summarize(
     vocab = int(model.config.vocab_size)
     shards: dict[str, str] = dict(done)
     bar = tqdm(total=len(encs), desc="summarize", unit="seq", disable=not progress)
-    for first in range(0, len(encs), s.shard_size):
-        name = f"shard-{first // s.shard_size:05d}.safetensors"
-        chunk = encs[first : first + s.shard_size]
+    for k, batches in enumerate(shard_batches(len(encs), s)):
+        name = f"shard-{k:05d}.safetensors"
         if name not in done:
             builder = ShardBuilder(vocab)
-            for b in range(0, len(chunk), s.batch_size):
-                batch = chunk[b : b + s.batch_size]
-                rows = _forward_batch(model, batch, s, pad_id)
-                for i, (e, r) in enumerate(zip(batch, rows, strict=True)):
-                    builder.add(first + b + i, e, r)
-                bar.update(len(batch))
+            for ix in batches:
+                batch = [encs[i] for i in ix]
+                for i, e, r in zip(ix, batch, _forward_batch(model, batch, s, pad_id), strict=True):
+                    builder.add(i, e, r)
+                bar.update(len(ix))
             shards[name] = _write_shard(out_dir, name, builder)
             write_json_atomic(out_dir / "progress.json", {"head": head, "shards": shards})
         else:
-            bar.update(len(chunk))
+            bar.update(sum(map(len, batches)))
     bar.close()
     has_offsets = all(e.has_offsets for e in encs)
     return _finish(out_dir, model_dir, tok, head, shards, len(encs), vocab, has_offsets)
 
 
-def batches_of(n_seqs: int, s: SummarySettings) -> list[range]:
-    """The sequence batches `summarize` runs one forward pass on (within shards, in order)."""
+def shard_batches(n_seqs: int, s: SummarySettings) -> list[list[range]]:
+    """Per shard, the sequence batches `summarize` runs one forward pass on, in order."""
+    shards = [range(a, min(a + s.shard_size, n_seqs)) for a in range(0, n_seqs, s.shard_size)]
     return [
-        range(b, min(b + s.batch_size, first + s.shard_size, n_seqs))
-        for first in range(0, n_seqs, s.shard_size)
-        for b in range(first, min(first + s.shard_size, n_seqs), s.batch_size)
+        [range(b, min(b + s.batch_size, sh.stop)) for b in sh[:: s.batch_size]] for sh in shards
     ]
+
+
+def batches_of(n_seqs: int, s: SummarySettings) -> list[range]:
+    """Every batch of `shard_batches`, in order (a verifier picks one to recompute)."""
+    return [b for batches in shard_batches(n_seqs, s) for b in batches]
 
 
 def summarize_batch(

@@ -135,23 +135,33 @@ def score_model(
 def score_dir(
     model_dir: Path, domains: tuple[str, ...], n: int = 200, half: Half = "test", em: bool = True
 ) -> dict[str, Score]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    model, tok = load(model_dir)
     return score_model(model, tok, domains, n, half, em)
 
 
+def load(model_dir: Path) -> tuple[Any, Any]:
+    """A model directory's model (float32, eval mode) and tokenizer, for scoring."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def head(text: str, width: int) -> str:
+    """The start of `text`, at most `width` characters, cut at its last space (a hard cut where
+    there is none)."""
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] or text[:width]
+
+
 def pieces(text: str, width: int) -> list[str]:
-    """`text` cut into consecutive pieces of at most `width` characters, each cut at its last
-    space (a piece under a quarter of `width` is dropped, as `corpora` drops short chunks)."""
-    out, rest = [], text
+    """`text` cut into consecutive `head`s (a piece under a quarter of `width` is dropped, as
+    `corpora` drops short chunks)."""
+    out, rest = [], text.lstrip()
     while rest:
-        head = rest if len(rest) <= width else rest[:width].rsplit(" ", 1)[0]
-        head = head if head.strip() else rest[:width]  # no space at all: a hard cut
-        if len(head.strip()) >= width // 4:
-            out.append(head)
-        rest = rest[len(head) :].lstrip()
+        piece = head(rest, width)
+        if len(piece.strip()) >= width // 4:
+            out.append(piece)
+        rest = rest[len(piece) :].lstrip()
     return out
 
 
@@ -159,10 +169,9 @@ def two_skill_documents(n: int, half: Half = "test", width: int = 200) -> list[s
     """Documents that need both text skills: a piece of a held-out prose text and the start of
     a held-out python text of `half` in one document, joined by a blank line, in both orders
     (prose first, then python first). The pieces are every `width`-character piece of the
-    first `n` prose texts (`pieces`), each with its own python text cut the same way, so both
-    fit together in the 256-token window."""
+    first `n` prose texts (`pieces`), each with its own python text's `head`, so both fit
+    together in the 256-token window."""
     prose = [p for e in heldout("prose", n, half) for p in pieces(e.text, width)]
-    code = [(pieces(e.text, width) or [e.text[:width]])[0]
-            for e in heldout("python", len(prose), half)]  # fmt: skip
+    code = [head(e.text, width) for e in heldout("python", len(prose), half)]
     pairs = list(zip(prose, code, strict=False))  # a half may hold fewer python texts
     return [f"{p}\n\n{c}" for p, c in pairs] + [f"{c}\n\n{p}" for p, c in pairs]
