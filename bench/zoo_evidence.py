@@ -135,6 +135,14 @@ class Objective:
         mine = {(e, d): scores[d].bits_per_byte for e, d in self.in_domain_bpb}
         return shortfall(mine, self.in_domain_bpb, self.floor)
 
+    def one_prompt(self, n: int) -> float:
+        """How much one of `n` two-skill prompts moves the objective (the least any held-back
+        item can move it): the guard's default margin."""
+        parts = self.best["arithlogic"].parts
+        assert parts is not None
+        total = len(self.best) - 1 + self.two_skill_weight + len(self.task_bpb)
+        return self.two_skill_weight / total / (n * max(parts[2], 1e-9))
+
     def __call__(self, scores: dict[str, Score]) -> float:
         kept = retention(scores, self.best, "skill")
         mine, ref = scores["arithlogic"].parts, self.best["arithlogic"].parts
@@ -229,31 +237,63 @@ def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
     return out
 
 
+def start_points(names: list[str], groups: int, multi: bool) -> dict[str, np.ndarray]:
+    """Candidate starts of the search, by label: every expert at each uniform lambda (`all
+    lambda=0.5`) and, with `multi`, each set that leaves one expert out (`without prose
+    lambda=0.5`: its weights 0, the others' lambda). The search starts from the best of them
+    on the search half; claim (c) still compares against the best uniform lambda alone."""
+    out = {f"all lambda={lam}": np.full((len(names), groups), lam) for lam in UNIFORM_GRID}
+    if multi and len(names) > 2:
+        for i, name in enumerate(names):
+            for lam in UNIFORM_GRID:
+                w = np.full((len(names), groups), lam)
+                w[i] = 0.0
+                out[f"without {name} lambda={lam}"] = w
+    return out
+
+
 def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     n_exp, groups = len(zoo.experts), zoo.n_layers + 1
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
     for name, sc in test.items():
         print(fmt_row(name, sc), flush=True)
     on_search = Objective.of(zoo.experts_on("search"), args)
-    uniform = {lam: on_search(zoo.score(np.full((n_exp, groups), lam), "search", em=False))
-               for lam in UNIFORM_GRID}  # fmt: skip
+    names = [p.name for p in zoo.experts]
+    starts = start_points(names, groups, args.multi_start)
+    on_start = {k: on_search(zoo.score(w, "search", em=False)) for k, w in starts.items()}
+    uniform = {float(k.split("=")[1]): v for k, v in on_start.items() if k.startswith("all ")}
     lam = max(uniform, key=lambda k: uniform[k])
     print(f"uniform search-half objective: {uniform} -> best lambda {lam}", flush=True)
+    start = max(on_start, key=lambda k: on_start[k])  # the first of the best: uniform on a tie
+    print(f"search starts from {start} ({on_start[start]:.4f})", flush=True)
+
+    objectives = {"search": on_search}
 
     def on(half: str) -> Callable[[np.ndarray], float]:
-        ref = on_search if half == "search" else Objective.of(zoo.experts_on(half), args)
-        return lambda w: ref(zoo.score(w, half, em=False))
+        if half not in objectives:
+            objectives[half] = Objective.of(zoo.experts_on(half), args)
+        return lambda w: objectives[half](zoo.score(w, half, em=False))
 
-    # the guard (default): CMA-ES on fold a of the search half; the start (uniform) and each
-    # generation's best are then scored on fold b, and the best there is kept
-    res = cma_search(on("search:a" if args.guard else "search"), np.full((n_exp, groups), lam),
+    # the guard (default): CMA-ES on fold a of the search half; the start and each
+    # generation's best are then scored on fold b, and the best there is kept if it beats the
+    # start by more than the margin (default: what one of fold b's two-skill prompts is worth)
+    holdout = on("search:b") if args.guard else None
+    margin = 0.0
+    if args.guard:
+        margin = args.guard_margin
+        if margin is None:
+            margin = objectives["search:b"].one_prompt(zoo.n_of("search:b"))
+        print(f"guard margin {margin:.4f}", flush=True)
+    res = cma_search(on("search:a" if args.guard else "search"), starts[start],
                      args.sigma, args.generations, args.popsize, args.seed, (0.0, args.max_weight),
-                     log=lambda m: print(m, flush=True),
-                     holdout=on("search:b") if args.guard else None)  # fmt: skip
+                     log=lambda m: print(m, flush=True), holdout=holdout, margin=margin)  # fmt: skip
     test["uniform"] = zoo.score(np.full((n_exp, groups), lam), "test", em=True)
     searched = zoo.merged(res.best)
     test["searched"] = score_dir(searched, DOMAINS, zoo.n, "test", em=True)
-    for name in ("uniform", "searched"):
+    if not start.startswith("all "):  # the start alone on the test half, to show its share
+        test["start"] = zoo.score(starts[start], "test", em=True)
+    compared = [k for k in ("uniform", "start", "searched") if k in test]
+    for name in compared:
         print(fmt_row(name, test[name]), flush=True)
     on_test = Objective.of({k: test[k] for k in IN_DOMAIN}, args)
     claims = {
@@ -288,23 +328,28 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
                 ),
             },
         ),
-        "c_objective_test": {k: round(on_test(test[k]), 4) for k in ("uniform", "searched")},
+        "c_objective_test": {k: round(on_test(test[k]), 4) for k in compared},
         # the same without `--floor`'s penalty (equal to the above when it is off)
         "c_objective_test_no_floor": {
-            k: round(dataclasses.replace(on_test, floor=0.0)(test[k]), 4)
-            for k in ("uniform", "searched")
+            k: round(dataclasses.replace(on_test, floor=0.0)(test[k]), 4) for k in compared
         },
         "c_objective_search": {
             "uniform": round(uniform[lam], 4),
             "searched" + (" (fold a)" if args.guard else ""): round(res.best_value, 4),
         },
         # fold b's objective for the start and each generation's best; `picked` indexes it
-        "c_guard": {"fold_b": [round(v, 4) for v in res.holdout], "picked": res.picked}
+        "c_guard": {
+            "fold_b": [round(v, 4) for v in res.holdout],
+            "margin": round(margin, 4),
+            "picked": res.picked,
+        }
         if res.holdout is not None
         else None,
         "uniform_lambda": lam,
+        # where the search started: the best of `start_points` on the search half
+        "c_start": {"from": start, "search_objective": round(on_start[start], 4)},
         "searched_weights": np.round(res.best, 3).tolist(),
-        "evaluations": res.evaluations + len(UNIFORM_GRID),
+        "evaluations": res.evaluations + len(starts),
     }
     return {"scores": test, "claims": claims}
 
@@ -391,6 +436,14 @@ def main() -> None:
     ap.add_argument("--no-guard", dest="guard", action="store_false",
                     help="search on the whole search half and keep its best (no held-back "
                     "fold; session 5's runs)")  # fmt: skip
+    ap.add_argument("--guard-margin", type=float, default=None,
+                    help="how much a generation's best must beat the start on the held-back "
+                    "fold to be kept (default: what one of its two-skill prompts moves the "
+                    "objective, about .01; 0: any gain, sessions 6-10)")  # fmt: skip
+    ap.add_argument("--multi-start", action="store_true",
+                    help="start the search from the best of the uniform lambdas and the "
+                    "leave-one-expert-out merges at each lambda (default: the best uniform "
+                    "lambda; docs/zoo.md, session 11)")  # fmt: skip
     ap.add_argument("--max-weight", type=float, default=1.5, help="upper bound of a weight")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fuse-steps", type=int, default=120)

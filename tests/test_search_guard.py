@@ -43,3 +43,19 @@ def test_guard_keeps_a_generation_that_also_wins_on_held_back_data() -> None:
     assert res.picked > 0 and res.holdout is not None
     assert res.holdout[res.picked] == max(res.holdout) > res.holdout[0]
     assert res.best_value == near(res.best)
+
+
+def test_guard_margin_keeps_the_start_unless_a_generation_wins_by_more() -> None:
+    x0 = np.full((2, 3), 0.5)
+    target = np.array([[1.0, 0.2, 0.8], [0.3, 0.9, 0.6]])
+
+    def near(w: np.ndarray) -> float:
+        return -float(((w - target) ** 2).sum())
+
+    free = cma_search(near, x0, 0.3, 6, 8, 0, holdout=near)
+    assert free.holdout is not None
+    gain = max(free.holdout) - free.holdout[0]
+    wide = cma_search(near, x0, 0.3, 6, 8, 0, holdout=near, margin=gain + 1e-6)
+    assert wide.picked == 0 and np.array_equal(wide.best, x0)
+    narrow = cma_search(near, x0, 0.3, 6, 8, 0, holdout=near, margin=gain / 2)
+    assert narrow.picked == free.picked and np.array_equal(narrow.best, free.best)

@@ -83,13 +83,16 @@ def cma_search(
     bounds: tuple[float, float] = (0.0, 1.5),
     log: Callable[[str], None] | None = None,
     holdout: Objective | None = None,
+    margin: float = 0.0,
 ) -> SearchResult:
     """Maximise `objective` with CMA-ES (the `cma` package), seeded, bounded, fixed budget.
 
     With `holdout` (the same measure on data the search never sees), the start point and each
     generation's best are scored on it too and the best of those by `holdout` is returned
     (the start on a tie): a search that only chased the noise of its own data gives back its
-    start instead of an over-fit point.
+    start instead of an over-fit point. With `margin`, a generation's best must beat the start
+    on `holdout` by more than `margin` to be returned (differences smaller than one held-back
+    item can move the measure are noise).
     """
     import cma
 
@@ -110,7 +113,8 @@ def cma_search(
     # the earliest of the best: by the search's own objective, or by the held-back one
     held = [holdout(x.reshape(x0.shape)) for x, _ in candidates] if holdout else None
     judge = held or [v for _, v in candidates]
-    pick = max(range(len(judge)), key=lambda k: (judge[k], -k))
+    ahead = [k for k in range(1, len(judge)) if judge[k] > judge[0] + (margin if held else 0.0)]
+    pick = max(ahead, key=lambda k: (judge[k], -k)) if ahead else 0
     if log and held:
         which = "the start" if pick == 0 else f"generation {pick}'s best"
         log(f"held-back objective: start {held[0]:.4f}; picked {which} ({held[pick]:.4f})")
