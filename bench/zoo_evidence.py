@@ -452,6 +452,8 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="*", default=[0.9, 0.5])
     ap.add_argument("--skip", choices=["merge", "fusion"], default=None)
     args = ap.parse_args()
+    if args.guard_margin is not None and args.guard_margin < 0:
+        ap.error(f"--guard-margin {args.guard_margin}: a margin is at least 0 (0: any gain)")
     torch.set_num_threads(1)
     zoo_dir = args.zoo or default_dir()
     root = Path((load_manifest(zoo_dir) or build(zoo_dir))["root"])  # any complete zoo will do
