@@ -61,6 +61,7 @@ class Zoo:
         self.root, self.n, self.n_search, self.work = root, n, n_search, work
         self.n_paired = n_paired  # distinct test-half two-skill prompts for (b)'s paired test
         self.made: dict[str, Path] = {}  # recipe (JSON) -> merged model
+        self.scored: dict[tuple[Path, str, bool], dict[str, Score]] = {}
         self.experts = [root / name for name in IN_DOMAIN]
         self.n_layers = int(
             json.loads((root / "base" / "config.json").read_text())["num_hidden_layers"]
@@ -98,7 +99,12 @@ class Zoo:
         return {"search": self.n_search, "test": self.n}.get(half, self.n_search // 2)
 
     def score(self, weights: np.ndarray, half: str, em: bool) -> dict[str, Score]:
-        return score_dir(self.merged(weights), DOMAINS, self.n_of(half), half, em)  # type: ignore[arg-type]
+        """The merge for `weights` scored on `half`, once (a start the search keeps, or the
+        uniform merge it returns, is asked for again)."""
+        key = (self.merged(weights), half, em)
+        if key not in self.scored:
+            self.scored[key] = score_dir(key[0], DOMAINS, self.n_of(half), half, em)  # type: ignore[arg-type]
+        return self.scored[key]
 
     def experts_on(self, half: str) -> dict[str, dict[str, Score]]:
         return {p.name: score_dir(p, DOMAINS, self.n_of(half), half, em=False)  # type: ignore[arg-type]
@@ -135,23 +141,29 @@ class Objective:
         mine = {(e, d): scores[d].bits_per_byte for e, d in self.in_domain_bpb}
         return shortfall(mine, self.in_domain_bpb, self.floor)
 
+    @functools.cached_property
+    def weights(self) -> dict[str, float]:
+        """The weight of each term of the mean: a domain, or `domain:bpb` for `task_bpb`."""
+        out = {d: self.two_skill_weight if d == "arithlogic" else 1.0 for d in self.best}
+        return out | {f"{d}:bpb": 1.0 for d in self.task_bpb}
+
     def one_prompt(self, n: int) -> float:
         """How much one of `n` two-skill prompts moves the objective (the least any held-back
         item can move it): the guard's default margin."""
         parts = self.best["arithlogic"].parts
         assert parts is not None
-        total = len(self.best) - 1 + self.two_skill_weight + len(self.task_bpb)
-        return self.two_skill_weight / total / (n * max(parts[2], 1e-9))
+        share = self.weights["arithlogic"] / sum(self.weights.values())
+        return share / (n * max(parts[2], 1e-9))
 
     def __call__(self, scores: dict[str, Score]) -> float:
         kept = retention(scores, self.best, "skill")
         mine, ref = scores["arithlogic"].parts, self.best["arithlogic"].parts
         assert mine is not None and ref is not None
         kept["arithlogic"] = mine[2] / max(ref[2], 1e-9)
-        weights = {d: self.two_skill_weight if d == "arithlogic" else 1.0 for d in kept}
         for d, ref_bpb in self.task_bpb.items():
-            kept[f"{d}:bpb"], weights[f"{d}:bpb"] = ref_bpb / scores[d].bits_per_byte, 1.0
-        mean = sum(weights[d] * v for d, v in kept.items()) / sum(weights.values())
+            kept[f"{d}:bpb"] = ref_bpb / scores[d].bits_per_byte
+        w = self.weights
+        mean = sum(w[d] * v for d, v in kept.items()) / sum(w.values())
         return mean - FLOOR_PENALTY * self.shortfall(scores)
 
 
@@ -237,23 +249,28 @@ def documents_two_skill(zoo: Zoo, merges: dict[str, Path]) -> dict[str, Any]:
     return out
 
 
-def start_points(names: list[str], groups: int, multi: bool) -> dict[str, np.ndarray]:
-    """Candidate starts of the search, by label: every expert at each uniform lambda (`all
-    lambda=0.5`) and, with `multi`, each set that leaves one expert out (`without prose
-    lambda=0.5`: its weights 0, the others' lambda). The search starts from the best of them
-    on the search half; claim (c) still compares against the best uniform lambda alone."""
-    out = {f"all lambda={lam}": np.full((len(names), groups), lam) for lam in UNIFORM_GRID}
-    if multi and len(names) > 2:
-        for i, name in enumerate(names):
-            for lam in UNIFORM_GRID:
-                w = np.full((len(names), groups), lam)
-                w[i] = 0.0
-                out[f"without {name} lambda={lam}"] = w
+Start = tuple[str | None, float]  # (the expert left out, or None for all; lambda)
+
+
+def start_points(names: list[str], groups: int, multi: bool) -> dict[Start, np.ndarray]:
+    """Candidate starts of the search: every expert at each uniform lambda (`(None, lam)`)
+    and, with `multi`, each set that leaves one expert out (`(name, lam)`: its weights 0, the
+    others' lam). The search starts from the best of them on the search half; claim (c) still
+    compares against the best uniform lambda alone."""
+    left_out = [None, *names] if multi and len(names) > 2 else [None]
+    out = {}
+    for name in left_out:
+        for lam in UNIFORM_GRID:
+            out[(name, lam)] = np.array([[0.0 if e == name else lam] * groups for e in names])
     return out
 
 
+def label(start: Start) -> str:
+    return f"{'all' if start[0] is None else 'without ' + start[0]} lambda={start[1]}"
+
+
 def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
-    n_exp, groups = len(zoo.experts), zoo.n_layers + 1
+    groups = zoo.n_layers + 1
     test = {p.name: score_dir(p, DOMAINS, zoo.n, "test") for p in [zoo.root / "base", *zoo.experts]}
     for name, sc in test.items():
         print(fmt_row(name, sc), flush=True)
@@ -261,36 +278,34 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
     names = [p.name for p in zoo.experts]
     starts = start_points(names, groups, args.multi_start)
     on_start = {k: on_search(zoo.score(w, "search", em=False)) for k, w in starts.items()}
-    uniform = {float(k.split("=")[1]): v for k, v in on_start.items() if k.startswith("all ")}
+    uniform = {lam: v for (out, lam), v in on_start.items() if out is None}
     lam = max(uniform, key=lambda k: uniform[k])
     print(f"uniform search-half objective: {uniform} -> best lambda {lam}", flush=True)
     start = max(on_start, key=lambda k: on_start[k])  # the first of the best: uniform on a tie
-    print(f"search starts from {start} ({on_start[start]:.4f})", flush=True)
+    print(f"search starts from {label(start)} ({on_start[start]:.4f})", flush=True)
 
-    objectives = {"search": on_search}
-
-    def on(half: str) -> Callable[[np.ndarray], float]:
-        if half not in objectives:
-            objectives[half] = Objective.of(zoo.experts_on(half), args)
-        return lambda w: objectives[half](zoo.score(w, half, em=False))
+    def on(objective: Objective, half: str) -> Callable[[np.ndarray], float]:
+        return lambda w: objective(zoo.score(w, half, em=False))
 
     # the guard (default): CMA-ES on fold a of the search half; the start and each
     # generation's best are then scored on fold b, and the best there is kept if it beats the
     # start by more than the margin (default: what one of fold b's two-skill prompts is worth)
-    holdout = on("search:b") if args.guard else None
-    margin = 0.0
     if args.guard:
+        fold_a, fold_b = (Objective.of(zoo.experts_on(h), args) for h in ("search:a", "search:b"))
         margin = args.guard_margin
         if margin is None:
-            margin = objectives["search:b"].one_prompt(zoo.n_of("search:b"))
+            margin = fold_b.one_prompt(zoo.n_of("search:b"))
         print(f"guard margin {margin:.4f}", flush=True)
-    res = cma_search(on("search:a" if args.guard else "search"), starts[start],
-                     args.sigma, args.generations, args.popsize, args.seed, (0.0, args.max_weight),
-                     log=lambda m: print(m, flush=True), holdout=holdout, margin=margin)  # fmt: skip
-    test["uniform"] = zoo.score(np.full((n_exp, groups), lam), "test", em=True)
+        fit, holdout = on(fold_a, "search:a"), on(fold_b, "search:b")
+    else:
+        fit, holdout, margin = on(on_search, "search"), None, 0.0
+    res = cma_search(fit, starts[start], args.sigma, args.generations, args.popsize, args.seed,
+                     (0.0, args.max_weight), log=lambda m: print(m, flush=True), holdout=holdout,
+                     margin=margin)  # fmt: skip
+    test["uniform"] = zoo.score(starts[(None, lam)], "test", em=True)
     searched = zoo.merged(res.best)
-    test["searched"] = score_dir(searched, DOMAINS, zoo.n, "test", em=True)
-    if not start.startswith("all "):  # the start alone on the test half, to show its share
+    test["searched"] = zoo.score(res.best, "test", em=True)
+    if start[0] is not None:  # the start alone on the test half, to show its share
         test["start"] = zoo.score(starts[start], "test", em=True)
     compared = [k for k in ("uniform", "start", "searched") if k in test]
     for name in compared:
@@ -320,7 +335,7 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
         "b_documents": documents_two_skill(
             zoo,
             {
-                "uniform": zoo.merged(np.full((n_exp, groups), lam)),
+                "uniform": zoo.merged(starts[(None, lam)]),
                 "searched": searched,
                 # the two experts the documents need, plain task arithmetic (nothing tuned)
                 "code+prose": zoo.merged(
@@ -347,7 +362,7 @@ def merge_evidence(zoo: Zoo, args: argparse.Namespace) -> dict[str, Any]:
         else None,
         "uniform_lambda": lam,
         # where the search started: the best of `start_points` on the search half
-        "c_start": {"from": start, "search_objective": round(on_start[start], 4)},
+        "c_start": {"from": label(start), "search_objective": round(on_start[start], 4)},
         "searched_weights": np.round(res.best, 3).tolist(),
         "evaluations": res.evaluations + len(starts),
     }

@@ -32,13 +32,16 @@ def test_guard_returns_the_start_when_the_search_only_fits_its_own_data() -> Non
     assert len(guarded.holdout or []) == 5 and guarded.holdout[0] == 0.0
 
 
+TARGET = np.array([[1.0, 0.2, 0.8], [0.3, 0.9, 0.6]])
+
+
+def near(w: np.ndarray) -> float:
+    """An objective both the search and the held-back check agree on: closeness to TARGET."""
+    return -float(((w - TARGET) ** 2).sum())
+
+
 def test_guard_keeps_a_generation_that_also_wins_on_held_back_data() -> None:
     x0 = np.full((2, 3), 0.5)
-    target = np.array([[1.0, 0.2, 0.8], [0.3, 0.9, 0.6]])
-
-    def near(w: np.ndarray) -> float:
-        return -float(((w - target) ** 2).sum())
-
     res = cma_search(near, x0, 0.3, 6, 8, 0, holdout=near)
     assert res.picked > 0 and res.holdout is not None
     assert res.holdout[res.picked] == max(res.holdout) > res.holdout[0]
@@ -47,11 +50,6 @@ def test_guard_keeps_a_generation_that_also_wins_on_held_back_data() -> None:
 
 def test_guard_margin_keeps_the_start_unless_a_generation_wins_by_more() -> None:
     x0 = np.full((2, 3), 0.5)
-    target = np.array([[1.0, 0.2, 0.8], [0.3, 0.9, 0.6]])
-
-    def near(w: np.ndarray) -> float:
-        return -float(((w - target) ** 2).sum())
-
     free = cma_search(near, x0, 0.3, 6, 8, 0, holdout=near)
     assert free.holdout is not None
     gain = max(free.holdout) - free.holdout[0]
