@@ -101,6 +101,52 @@ def test_float_noise_of_another_cpu_passes(packed: Path, llama_family: Any, corp
         assert compare_sequence(stored.sequence(i), enc, noisy) == ""
 
 
+OTHER_KERNELS = """
+import sys
+import numpy as np
+import torch
+from pathlib import Path
+from node.fusion.summaries import SummarySettings, batches_of, summarize_batch
+from node.fusion.summary_store import SummaryReader
+from node.fusion.summary_verify import compare_sequence
+torch.set_num_threads(1)
+packed, model, corpus, out = map(Path, sys.argv[1:])
+s = SummarySettings(top_k=4, max_len=64, shard_size=6, batch_size=4)
+stored, logp = SummaryReader(packed, verify=False), []
+for batch in batches_of(10, s):
+    for i, (enc, rows) in summarize_batch(model, corpus, batch, s, 1).items():
+        problem = compare_sequence(stored.sequence(i), enc, rows)
+        assert problem == "", problem
+        logp.append(rows["topk_logp"])
+np.save(out, np.concatenate(logp))
+"""
+
+
+def test_a_verifier_with_another_cpus_kernels_accepts_honest_summaries(
+    packed: Path, llama_family: Any, corpus: Path, tmp_path: Path
+) -> None:
+    """A verifier process whose GEMM and vector kernels are another x86 CPU's (MKL's SSE2
+    compatible path, ATen without AVX2) gets other float32 values, and every sequence passes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}
+    out = tmp_path / "theirs.npy"
+    args = [str(packed), str(llama_family.base), str(corpus), str(out)]
+    res = subprocess.run([sys.executable, "-c", OTHER_KERNELS, *args], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = [
+        rows["topk_logp"]
+        for batch in batches_of(10, SETTINGS)
+        for _, rows in summarize_batch(llama_family.base, corpus, batch, SETTINGS, 1).values()
+    ]
+    diff = np.abs(np.load(out, allow_pickle=False) - np.concatenate(ours))
+    assert diff.max() > 0  # the kernels really differ: otherwise this test shows nothing
+    assert diff.max() < LOGP_ATOL / 100
+
+
 def _row(ids: list[int], logp: list[float]) -> SeqSummary:
     """A two-token sequence with one prediction row (top-k `ids`, `logp`)."""
     return SeqSummary(
