@@ -42,6 +42,17 @@ def test_unknown_domain_is_a_user_error() -> None:
         corpora.load("chemistry", 3)
 
 
+@pytest.mark.parametrize(
+    "gen",
+    [*corpora.GENERATORS.values(), corpora.arithmetic2, corpora.logic64],
+    ids=lambda g: g.__name__,
+)
+def test_a_split_that_is_not_train_or_heldout_is_refused(gen: Any) -> None:
+    """No item ever falls in such a split: the generator would loop forever."""
+    with pytest.raises(ValueError, match="use 'train' or 'heldout'"):
+        gen(2, "test")
+
+
 def test_bits_per_byte_matches_the_model_loss(llama_family: Any) -> None:
     tok = AutoTokenizer.from_pretrained(llama_family.base)
     model = AutoModelForCausalLM.from_pretrained(llama_family.base).eval()  # type: ignore[no-untyped-call]

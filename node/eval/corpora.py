@@ -36,6 +36,12 @@ def _split_of(key: str) -> Split:
     return "heldout" if h / 2**32 < HELDOUT_SHARE else "train"
 
 
+def _known(split: str) -> None:
+    """A split other than these would never match `_split_of`: a generator would loop forever."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split {split!r}: use 'train' or 'heldout'")
+
+
 def _task(domain: str, prompt: str, answer: str) -> Example:
     return Example(domain=domain, text=f"{prompt} {answer}\n", prompt=prompt, answer=answer)
 
@@ -50,6 +56,7 @@ def arithmetic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Single-digit sums and products: `Q: 7*8= A: 56`. The held-out split is the ~10 % of
     the 200 facts never trained (generalisation); `arithlogic` asks trained facts in new prompts.
     """
+    _known(split)
     rng, out = random.Random(f"arith/{seed}"), list[Example]()
     while len(out) < n:
         expr, value = _fact(rng)
@@ -81,6 +88,7 @@ def _expression(rng: random.Random) -> tuple[str, str]:
 
 def logic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Boolean expressions over T/F with and/or/not: `L: not T or F and not F = T`."""
+    _known(split)
     rng, out = random.Random(f"logic/{seed}"), list[Example]()
     while len(out) < n:
         expr, value = _expression(rng)
@@ -104,6 +112,7 @@ def _chunks(text: str, size: int) -> Iterator[str]:
 
 def python_source(n: int, split: Split = "train", chunk_chars: int = 400) -> list[Example]:
     """Chunks of CPython standard-library modules (code, comments, docstrings)."""
+    _known(split)
     out: list[Example] = []
     for path in _stdlib_files():
         if _split_of(path.name) != split:
@@ -117,6 +126,7 @@ def python_source(n: int, split: Split = "train", chunk_chars: int = 400) -> lis
 
 def prose(n: int, split: Split = "train", chunk_chars: int = 400) -> list[Example]:
     """Chunks of pydoc's English topic help, split by topic."""
+    _known(split)
     import pydoc_data.topics as topics
 
     out: list[Example] = []
@@ -134,6 +144,7 @@ def arithlogic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     both answers required, the truth value first (next to its expression, as in `logic`):
     `C: 7*8 ; not T or F and T = F ; 56`.
     """
+    _known(split)
     rng, out = random.Random(f"arithlogic/{seed}"), list[Example]()
     while len(out) < n:
         (calc, number), (expr, truth) = _fact(rng), _expression(rng)
@@ -165,6 +176,7 @@ TWO_SKILL_DOMAINS = ("arithlogic",)
 
 def arithmetic2(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Two-operand additions and subtractions below 100: `Q: 47+38= A: 85`."""
+    _known(split)
     rng, out = random.Random(f"arith/{seed}"), list[Example]()
     while len(out) < n:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -179,6 +191,7 @@ def arithmetic2(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
 
 def logic64(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Boolean expressions with one optional `not` in front (64 of them): `L: not T or F = F`."""
+    _known(split)
     rng, out = random.Random(f"logic/{seed}"), list[Example]()
     while len(out) < n:
         x, y, z = (rng.choice("TF") for _ in range(3))
