@@ -44,7 +44,7 @@ def test_unknown_domain_is_a_user_error() -> None:
 
 @pytest.mark.parametrize(
     "gen",
-    [*corpora.GENERATORS.values(), corpora.arithmetic2, corpora.logic64],
+    corpora.GENERATORS.values(),
     ids=lambda g: g.__name__,
 )
 def test_a_split_that_is_not_train_or_heldout_is_refused(gen: Any) -> None:
