@@ -564,9 +564,9 @@ def test_fusion_round_refuses_impossible_and_plausible_summaries_and_redoes_them
     summaries, the other rows shifted by one position (each position carries the previous
     one's distribution), which pass every content check. With --verify-rate 1 the honest host
     and the trainer refuse the first on content and the second by recomputing a sample; nobody
-    refuses the honest host; it summarizes every shard (its own and the refused ones); and the
-    trainer's summaries equal `summarize` of each shard run here (without the content checks
-    the round fails: checked by hand, see docs/rounds.md)."""
+    refuses the honest host; honest nodes summarize the refused shards again; and the trainer's
+    summaries equal `summarize` of each shard run here (without the content checks the round
+    fails: checked by hand, see docs/rounds.md)."""
     import torch
     from safetensors.torch import load_file
 
