@@ -582,7 +582,8 @@ def test_fusion_round_refuses_impossible_and_plausible_summaries_and_redoes_them
     recomputed = f"from {peer['plausible']} (a recomputed sample differs)"
     assert any(recomputed in n.text() for n in others), texts
     honest_peer = swarm.nodes[2].maddr.rsplit("/p2p/", 1)[1][:16]
-    assert not any("rejected unit" in line and honest_peer in line
+    rejected = f"round {rid[:12]}: rejected unit"
+    assert not any(rejected in line and honest_peer in line
                    for n in swarm.nodes for line in n.text().splitlines()), texts  # fmt: skip
     # every shard was summarized honestly: by the honest host, or by the trainer that fetched
     # the source to verify it (the refused shards again, and any the liars left)
