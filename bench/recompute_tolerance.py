@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--model", action="append", help="a model directory instead of the zoo's")
     ap.add_argument("--n", type=int, default=96, help="sequences in the corpus (default 96)")
     ap.add_argument("--max-chars", type=int, default=400, help="longest corpus text")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of: {', '.join(VARIANTS)}")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
