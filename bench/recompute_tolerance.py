@@ -53,6 +53,13 @@ VARIANTS: dict[str, dict[str, str]] = {  # environment of each verifier's proces
 TOP_K = 10
 
 
+def by_token(ids: Any, logp: Any, ref_ids: Any, ref: Any) -> list[float]:
+    """|logp - ref| for each token of one row's top-k that the other row holds too."""
+    where = {int(t): float(v) for t, v in zip(ref_ids.tolist(), ref.tolist(), strict=True)}
+    return [abs(float(v) - where[int(t)]) for t, v in zip(ids.tolist(), logp.tolist(), strict=True)
+            if int(t) in where]  # fmt: skip
+
+
 def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> dict[str, Any]:
     """Recompute every batch of `summaries` under this process's kernels and compare with what
     was stored; the float32 recomputation goes to `rows_out` (npz) for `kernel_delta`."""
@@ -61,9 +68,10 @@ def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from node.fusion.corpus import load_corpus
-    from node.fusion.summaries import SummarySettings, _forward_batch, batches_of, encode
+    from node.fusion.summaries import SummarySettings, _forward_batch, batches_of
     from node.fusion.summary_store import SummaryReader
     from node.fusion.summary_verify import compare_sequence
+    from node.fusion.tokens import encode
 
     torch.set_num_threads(int(os.environ.get(THREADS, "1")))
     one_by_one = os.environ.get(ONE_BY_ONE) == "1"
@@ -74,7 +82,7 @@ def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> di
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     texts = load_corpus(corpus)
-    worst_logp = worst_nll = 0.0
+    worst_nll = 0.0
     deltas: list[float] = []
     refused: list[str] = []
     keep: dict[int, dict[str, np.ndarray]] = {}
@@ -88,14 +96,9 @@ def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> di
             problem = compare_sequence(seq, enc, rows)
             if problem:
                 refused.append(f"sequence {i}: {problem}")
-            ref_ids, ref = rows["topk_ids"], rows["topk_logp"].astype(np.float64)
-            for r in range(len(ref_ids)):
-                where = {int(t): j for j, t in enumerate(ref_ids[r].tolist())}
-                for t, v in zip(seq.topk_ids[r].tolist(), seq.topk_logp[r].tolist(), strict=True):
-                    if int(t) in where:
-                        d = abs(v - ref[r, where[int(t)]])
-                        deltas.append(d)
-                        worst_logp = max(worst_logp, d)
+            for r in range(len(rows["topk_ids"])):
+                deltas += by_token(seq.topk_ids[r], seq.topk_logp[r],
+                                   rows["topk_ids"][r], rows["topk_logp"][r])  # fmt: skip
             nll = np.abs(seq.token_nll.astype(np.float64) - rows["token_nll"].astype(np.float64))
             worst_nll = max(worst_nll, float(nll.max(initial=0.0)))
     order = sorted(keep)
@@ -103,7 +106,7 @@ def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> di
     return {
         "seconds": round(time.perf_counter() - t0, 2),
         "compared": len(deltas),
-        "max_logp_delta": worst_logp,
+        "max_logp_delta": max(deltas, default=0.0),
         "p999_logp_delta": float(np.quantile(deltas, 0.999)) if deltas else 0.0,
         "max_nll_delta": worst_nll,
         "refused": len(refused),
@@ -124,10 +127,7 @@ def kernel_delta(a: Path, b: Path) -> dict[str, float]:
         same = (ids_a == ids_b).all(axis=1)
         worst = float(np.abs(lp_a[same] - lp_b[same]).max(initial=0.0))
         for r in np.flatnonzero(~same):  # reordered rows: match by token
-            where = {int(t): j for j, t in enumerate(ids_b[r].tolist())}
-            for j, t in enumerate(ids_a[r].tolist()):
-                if int(t) in where:
-                    worst = max(worst, abs(float(lp_a[r, j]) - float(lp_b[r, where[int(t)]])))
+            worst = max(worst, *by_token(ids_a[r], lp_a[r], ids_b[r], lp_b[r]))
         nll = float(np.abs(x["token_nll"] - y["token_nll"]).max(initial=0.0))
         return {"kernel_logp": worst, "kernel_nll": nll, "reordered": float((~same).mean())}
 
