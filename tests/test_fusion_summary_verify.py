@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ def test_float_noise_of_another_cpu_passes(packed: Path, llama_family: Any, corp
 
 
 OTHER_KERNELS = """
+import json
 import sys
 import numpy as np
 import torch
@@ -110,8 +112,8 @@ from node.fusion.summaries import SummarySettings, batches_of, summarize_batch
 from node.fusion.summary_store import SummaryReader
 from node.fusion.summary_verify import compare_sequence
 torch.set_num_threads(1)
-packed, model, corpus, out = map(Path, sys.argv[1:])
-s = SummarySettings(top_k=4, max_len=64, shard_size=6, batch_size=4)
+packed, model, corpus, out = map(Path, sys.argv[1:5])
+s = SummarySettings(**json.loads(sys.argv[5]))
 stored, logp = SummaryReader(packed, verify=False), []
 for batch in batches_of(10, s):
     for i, (enc, rows) in summarize_batch(model, corpus, batch, s, 1).items():
@@ -133,7 +135,13 @@ def test_a_verifier_with_another_cpus_kernels_accepts_honest_summaries(
 
     env = {**os.environ, "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}
     out = tmp_path / "theirs.npy"
-    args = [str(packed), str(llama_family.base), str(corpus), str(out)]
+    args = [
+        str(packed),
+        str(llama_family.base),
+        str(corpus),
+        str(out),
+        json.dumps(asdict(SETTINGS)),
+    ]
     res = subprocess.run([sys.executable, "-c", OTHER_KERNELS, *args], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
