@@ -85,14 +85,15 @@ def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> di
     worst_nll = 0.0
     deltas: list[float] = []
     refused: list[str] = []
-    keep: dict[int, dict[str, np.ndarray]] = {}
+    kept: list[dict[str, np.ndarray]] = []  # in sequence order (batches come in order)
     t0 = time.perf_counter()
-    batches = batches_of(len(texts), SummarySettings(max_len=s.max_len))
+    batches = batches_of(len(texts), s)  # batching depends on batch and shard size only
     groups = [range(i, i + 1) for b in batches for i in b] if one_by_one else batches
     for batch in groups:
         encs = [encode(tok, texts[i].text, s.max_len) for i in batch]
         for i, enc, rows in zip(batch, encs, _forward_batch(model, encs, s, pad_id), strict=True):
-            seq, keep[i] = got.sequence(i), rows
+            seq = got.sequence(i)
+            kept.append(rows)
             problem = compare_sequence(seq, enc, rows)
             if problem:
                 refused.append(f"sequence {i}: {problem}")
@@ -101,8 +102,7 @@ def worker(summaries: Path, model_dir: Path, corpus: Path, rows_out: Path) -> di
                                    rows["topk_ids"][r], rows["topk_logp"][r])  # fmt: skip
             nll = np.abs(seq.token_nll.astype(np.float64) - rows["token_nll"].astype(np.float64))
             worst_nll = max(worst_nll, float(nll.max(initial=0.0)))
-    order = sorted(keep)
-    np.savez(rows_out, **{k: np.concatenate([keep[i][k] for i in order]) for k in keep[order[0]]})
+    np.savez(rows_out, **{k: np.concatenate([r[k] for r in kept]) for k in kept[0]})
     return {
         "seconds": round(time.perf_counter() - t0, 2),
         "compared": len(deltas),
