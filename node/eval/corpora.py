@@ -31,15 +31,13 @@ class Example:
     answer: str = ""
 
 
-def _split_of(key: str) -> Split:
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-    return "heldout" if h / 2**32 < HELDOUT_SHARE else "train"
-
-
-def _known(split: str) -> None:
-    """A split other than these would never match `_split_of`: a generator would loop forever."""
+def _in(key: str, split: str) -> bool:
+    """Whether the item named `key` falls in `split`, cut by a hash of the key. Any other split
+    is refused: no item would ever fall in it, and a generator would loop forever."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split {split!r}: use 'train' or 'heldout'")
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    return split == ("heldout" if h / 2**32 < HELDOUT_SHARE else "train")
 
 
 def _task(domain: str, prompt: str, answer: str) -> Example:
@@ -56,12 +54,11 @@ def arithmetic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Single-digit sums and products: `Q: 7*8= A: 56`. The held-out split is the ~10 % of
     the 200 facts never trained (generalisation); `arithlogic` asks trained facts in new prompts.
     """
-    _known(split)
     rng, out = random.Random(f"arith/{seed}"), list[Example]()
     while len(out) < n:
         expr, value = _fact(rng)
         prompt = f"Q: {expr}="
-        if _split_of(prompt) == split:
+        if _in(prompt, split):
             out.append(_task("arithmetic", prompt, f"A: {value}"))
     return out
 
@@ -88,12 +85,11 @@ def _expression(rng: random.Random) -> tuple[str, str]:
 
 def logic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Boolean expressions over T/F with and/or/not: `L: not T or F and not F = T`."""
-    _known(split)
     rng, out = random.Random(f"logic/{seed}"), list[Example]()
     while len(out) < n:
         expr, value = _expression(rng)
         prompt = f"L: {expr} ="
-        if _split_of(prompt) == split:
+        if _in(prompt, split):
             out.append(_task("logic", prompt, value))
     return out
 
@@ -112,10 +108,9 @@ def _chunks(text: str, size: int) -> Iterator[str]:
 
 def python_source(n: int, split: Split = "train", chunk_chars: int = 400) -> list[Example]:
     """Chunks of CPython standard-library modules (code, comments, docstrings)."""
-    _known(split)
     out: list[Example] = []
     for path in _stdlib_files():
-        if _split_of(path.name) != split:
+        if not _in(path.name, split):
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         out.extend(Example("python", c) for c in _chunks(text, chunk_chars))
@@ -126,12 +121,11 @@ def python_source(n: int, split: Split = "train", chunk_chars: int = 400) -> lis
 
 def prose(n: int, split: Split = "train", chunk_chars: int = 400) -> list[Example]:
     """Chunks of pydoc's English topic help, split by topic."""
-    _known(split)
     import pydoc_data.topics as topics
 
     out: list[Example] = []
     for key in sorted(topics.topics):
-        if _split_of(f"topic/{key}") != split:
+        if not _in(f"topic/{key}", split):
             continue
         out.extend(Example("prose", c) for c in _chunks(topics.topics[key], chunk_chars))
         if len(out) >= n:
@@ -144,12 +138,11 @@ def arithlogic(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     both answers required, the truth value first (next to its expression, as in `logic`):
     `C: 7*8 ; not T or F and T = F ; 56`.
     """
-    _known(split)
     rng, out = random.Random(f"arithlogic/{seed}"), list[Example]()
     while len(out) < n:
         (calc, number), (expr, truth) = _fact(rng), _expression(rng)
         prompt = f"C: {calc} ; {expr} ="
-        if _split_of(prompt) == split:
+        if _in(prompt, split):
             out.append(_task("arithlogic", prompt, f"{truth} ; {number}"))
     return out
 
@@ -176,7 +169,6 @@ TWO_SKILL_DOMAINS = ("arithlogic",)
 
 def arithmetic2(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Two-operand additions and subtractions below 100: `Q: 47+38= A: 85`."""
-    _known(split)
     rng, out = random.Random(f"arith/{seed}"), list[Example]()
     while len(out) < n:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -184,14 +176,13 @@ def arithmetic2(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
         if op == "-" and b > a:
             a, b = b, a
         prompt = f"Q: {a}{op}{b}="
-        if _split_of(prompt) == split:
+        if _in(prompt, split):
             out.append(_task("arithmetic2", prompt, f"A: {a + b if op == '+' else a - b}"))
     return out
 
 
 def logic64(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
     """Boolean expressions with one optional `not` in front (64 of them): `L: not T or F = F`."""
-    _known(split)
     rng, out = random.Random(f"logic/{seed}"), list[Example]()
     while len(out) < n:
         x, y, z = (rng.choice("TF") for _ in range(3))
@@ -200,7 +191,7 @@ def logic64(n: int, split: Split = "train", seed: int = 0) -> list[Example]:
         a, b, c = ((v == "T") != (i == 0 and neg != "") for i, v in enumerate((x, y, z)))
         value = _truth(a, op1, b, op2, c)
         prompt = f"L: {neg}{x} {op1} {y} {op2} {z} ="
-        if _split_of(prompt) == split:
+        if _in(prompt, split):
             out.append(_task("logic64", prompt, "T" if value else "F"))
     return out
 
